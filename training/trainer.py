@@ -1,0 +1,285 @@
+"""The paper's recipe: freeze-then-unfreeze, AdamW + cosine annealing, cross-entropy, MixUp.
+
+``train(cfg)`` runs one configuration end to end: load and split the data, build the network,
+train with best-by-validation-macro-F1 selection, evaluate on the test split, and write the
+checkpoint, the resolved config, ``metrics.json`` and the plots into ``cfg.output_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from morphocam.atomic import atomic_write_text
+from morphocam.config import config_to_dict, save_config
+from morphocam.contract import DATASET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, InputContract
+
+from . import metrics as M
+from .augment import mixup, soft_cross_entropy, train_transform
+from .checkpoint import code_version, save_checkpoint
+from .config import TrainConfig
+from .data import ImageFolder, Split, group_ids, kfold_indices, load_images, split_indices
+from .model import MorphoNet, build_model
+from .pretrained import load_backbone_weights
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_model_input(batch_uint8_nchw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW -> normalised float NCHW (the same arithmetic the exported graph does)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = (batch_uint8_nchw.to(device).float() / 255.0 - mean) / std
+    # channels-last runs depthwise convolutions about 2x faster on CPU (measured, README)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # N x 3 x H x W uint8, a view
+        self.labels = torch.from_numpy(labels)
+        self.transform = train_transform() if augment else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.labels[i]
+
+
+@torch.no_grad()
+def predict_probs(model: MorphoNet, images: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+        out.append(F.softmax(model(to_model_input(chunk, device)), dim=1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+
+
+def set_stage(model: MorphoNet, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 1: only the head trains (backbone and CBAM frozen, BatchNorm statistics too); stage 2: all."""
+    frozen = stage == 1
+    for p in model.body_parameters():
+        p.requires_grad_(not frozen)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_one_epoch(model: MorphoNet, loader, optimizer, scheduler, cfg: TrainConfig, stage: int,
+                    num_classes: int, device: torch.device, desc: str) -> float:
+    model.train()
+    if stage == 1:
+        model.features.eval()
+        model.attention.eval()
+    total, count = 0.0, 0
+    iterator = loader
+    if cfg.progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc=desc, leave=False)
+    for images, labels in iterator:
+        x = to_model_input(images, device)
+        labels = labels.to(device)
+        x, targets = mixup(x, labels, num_classes, cfg.mixup_alpha, cfg.label_smoothing)
+        if stage == 1:
+            with torch.no_grad():  # frozen body: no activations kept for backward
+                fmap = model.forward_features(x)
+            logits = model.forward_head(fmap)
+        else:
+            logits = model(x)
+        loss = soft_cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(labels)
+        count += len(labels)
+    return total / max(count, 1)
+
+
+def make_split(cfg: TrainConfig, folder: ImageFolder) -> Split:
+    labels, groups = folder.labels, group_ids(folder.samples)
+    if cfg.fold is None:
+        return split_indices(labels, groups, cfg.seed, cfg.val_frac, cfg.test_frac)
+    return kfold_indices(labels, groups, cfg.seed, cfg.folds, cfg.fold, cfg.val_frac)
+
+
+def load_dataset(cfg: TrainConfig) -> ImageFolder:
+    classes = DATASET_CLASSES.get(cfg.dataset)
+    return load_images(cfg.data_dir, classes, cfg.input_size, cfg.limit_per_class, cfg.seed,
+                       drop_conflicts=not cfg.keep_conflicting_duplicates, progress=cfg.progress)
+
+
+def build_for(cfg: TrainConfig, num_classes: int) -> tuple[MorphoNet, str]:
+    model = build_model(cfg.arch, num_classes, use_cbam=cfg.cbam, dropout=cfg.dropout,
+                        pretrained_timm=(cfg.pretrained == "timm" and cfg.arch != "simplecnn"))
+    weights = load_backbone_weights(model, cfg.arch, cfg.pretrained)
+    return model, weights
+
+
+def train(cfg: TrainConfig) -> dict:
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    folder = load_dataset(cfg)
+    split = make_split(cfg, folder)
+    labels = folder.labels
+    classes = folder.classes
+    k = len(classes)
+    contract = InputContract(classes=classes, height=cfg.input_size, width=cfg.input_size, dataset=cfg.dataset)
+    print(f"[data] {cfg.data_dir}: {len(folder.samples)} images, classes {list(classes)}; "
+          f"split {split.counts()}; {folder.merged_groups} duplicate groups kept together; "
+          f"{len(folder.dropped_conflicts)} images dropped as conflicting duplicates")
+
+    model, weights = build_for(cfg, k)
+    model.to(device, memory_format=torch.channels_last)
+    print(f"[model] {cfg.arch} + {'CBAM' if cfg.cbam else 'no CBAM'}, weights: {weights}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}")
+
+    train_set = AugmentedImages(folder.images[split.train], labels[split.train], cfg.augment)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                         drop_last=len(train_set) > cfg.batch_size)
+    val_images, val_labels = folder.images[split.val], labels[split.val]
+
+    stages = [(1, cfg.frozen_epochs, cfg.lr_head), (2, cfg.epochs, cfg.lr)] if cfg.freeze_unfreeze \
+        else [(2, cfg.frozen_epochs + cfg.epochs, cfg.lr)]
+    history: list[dict] = []
+    best = {"macro_f1": -1.0, "loss": float("inf"), "epoch": 0, "state": None}
+    epoch = 0
+    for stage, n_epochs, lr in stages:
+        if n_epochs == 0:
+            continue
+        params = set_stage(model, stage)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epochs * len(loader)))
+        for _ in range(n_epochs):
+            epoch += 1
+            te = time.time()
+            train_loss = train_one_epoch(model, loader, optimizer, scheduler, cfg, stage, k, device,
+                                         f"epoch {epoch} (stage {stage})")
+            vp = predict_probs(model, val_images, device)
+            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(vp).clamp_min(1e-12)),
+                                        torch.from_numpy(val_labels)))
+            val_acc = float((vp.argmax(1) == val_labels).mean())
+            val_f1 = M._macro_f1(val_labels, vp)
+            history.append({"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
+                            "val_accuracy": val_acc, "val_macro_f1": val_f1, "seconds": time.time() - te})
+            improved = val_f1 > best["macro_f1"] or (val_f1 == best["macro_f1"] and val_loss < best["loss"])
+            if improved:
+                best.update(macro_f1=val_f1, loss=val_loss, epoch=epoch, state=copy.deepcopy(model.state_dict()))
+            print(f"epoch {epoch:3d} stage {stage} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                  f"val_acc {val_acc:.4f} val_f1 {val_f1:.4f} {time.time() - te:.1f}s{' *' if improved else ''}",
+                  flush=True)
+
+    model.load_state_dict(best["state"])
+    test_probs = predict_probs(model, folder.images[split.test], device)
+    val_probs = predict_probs(model, val_images, device)
+    test_metrics = M.classification_metrics(labels[split.test], test_probs, classes, seed=cfg.seed)
+    val_metrics = M.classification_metrics(val_labels, val_probs, classes, seed=cfg.seed)
+    fingerprint = folder.fingerprint()
+    result = {
+        "dataset": cfg.dataset,
+        "arch": cfg.arch,
+        "cbam": cfg.cbam,
+        "weights": weights,
+        "split": split.counts(),
+        "fold": cfg.fold,
+        "duplicate_groups_merged": folder.merged_groups,
+        "dropped_conflicting": folder.dropped_conflicts,
+        "best_epoch": best["epoch"],
+        "epochs_run": epoch,
+        "test": test_metrics,
+        "val": val_metrics,
+        "history": history,
+        "data_fingerprint": fingerprint,
+        "train_seconds": time.time() - t0,
+        "device": str(device),
+        "code_version": code_version(),
+    }
+    meta = {
+        "contract": contract.to_dict(),
+        "arch": cfg.arch,
+        "use_cbam": cfg.cbam,
+        "dropout": cfg.dropout,
+        "cbam_reduction": 16,
+        "weights": weights,
+        "recipe": config_to_dict(cfg),
+        "metrics": {"test": {k2: test_metrics[k2] for k2 in ("n", "accuracy", "accuracy_ci95", "macro_f1",
+                                                              "macro_f1_ci95", "macro_auc_ovr")},
+                    "val_macro_f1": val_metrics["macro_f1"], "best_epoch": best["epoch"]},
+        "data_fingerprint": fingerprint,
+        "split": split.counts(),
+        "code_version": result["code_version"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    model.cpu().to(memory_format=torch.contiguous_format)
+    result["checkpoint_sha256"] = save_checkpoint(model, meta, out / "model.safetensors")
+    np.savez_compressed(out / "test_predictions.npz", probs=test_probs, labels=labels[split.test],
+                        paths=np.array([str(folder.samples[i].path.relative_to(folder.root)) for i in split.test]))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    title = f"{cfg.dataset}: {cfg.arch}{' + CBAM' if cfg.cbam else ''}"
+    M.plot_curves(history, out / "curves.png", title)
+    M.plot_roc(labels[split.test], test_probs, classes, out / "roc.png", f"{title} (test)")
+    M.plot_confusion(test_metrics, out / "confusion.png", f"{title} (test)")
+    print(f"[test] n={test_metrics['n']} accuracy {test_metrics['accuracy']:.4f} "
+          f"(95% CI {test_metrics['accuracy_ci95'][0]:.3f}-{test_metrics['accuracy_ci95'][1]:.3f}) "
+          f"macro-F1 {test_metrics['macro_f1']:.4f} macro-AUC {test_metrics['macro_auc_ovr']:.4f}; "
+          f"wrote {out}")
+    return result
+
+
+def evaluate_checkpoint(checkpoint: Path, data_dir: Path, output_dir: Path | None = None,
+                        split_name: str = "test", progress: bool = True) -> dict:
+    """Re-derive the checkpoint's split from its recipe and score it; warns on a data mismatch."""
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    recipe = dict(meta["recipe"])
+    recipe.update(data_dir=Path(data_dir), progress=progress, output_dir=Path(output_dir or "."))
+    cfg = TrainConfig(**{k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__})
+    folder = load_dataset(cfg)
+    if folder.fingerprint() != meta.get("data_fingerprint"):
+        print(f"[warn] dataset fingerprint differs from the one the checkpoint was trained on; "
+              f"the '{split_name}' split may not be the same images")
+    split = make_split(cfg, folder)
+    idx = getattr(split, split_name)
+    classes = tuple(meta["contract"]["classes"])
+    probs = predict_probs(model, folder.images[idx], torch.device("cpu"))
+    result = M.classification_metrics(folder.labels[idx], probs, classes, seed=cfg.seed)
+    result.update(checkpoint=str(checkpoint), split_name=split_name, weights=meta.get("weights"))
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"eval_{split_name}.json", json.dumps(result, indent=2) + "\n")
+        M.plot_confusion(result, out / f"eval_{split_name}_confusion.png", f"{meta['arch']} ({split_name})")
+        M.plot_roc(folder.labels[idx], probs, classes, out / f"eval_{split_name}_roc.png", f"{meta['arch']} ({split_name})")
+    return result

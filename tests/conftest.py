@@ -33,3 +33,32 @@ def smids_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"SMIDS dataset not found at {path} (set MORPHOCAM_DATA)")
     return path
+
+
+# ---------------------------------------------------------------- serving (real Triton server)
+def serving_checkpoint_path() -> Path:
+    """The released HuSHem checkpoint when training has produced it, else the development one."""
+    released = REPO_ROOT / "results" / "training" / "hushem" / "model.safetensors"
+    return released if released.is_file() else REPO_ROOT / "runs" / "quick" / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def serving_repository(tmp_path_factory) -> Path:
+    """A model repository in the agreed layout, built from the serving checkpoint."""
+    checkpoint = serving_checkpoint_path()
+    if not checkpoint.is_file():
+        pytest.skip(f"no checkpoint at {checkpoint} (run morphocam-train)")
+    from serving.devrepo import build_dev_repository
+
+    out = tmp_path_factory.mktemp("model_repository")
+    samples = sorted((REPO_ROOT / "samples" / "hushem").glob("*.BMP"))
+    return build_dev_repository(checkpoint, out, samples[0] if samples else None)
+
+
+@pytest.fixture(scope="session")
+def triton_server(serving_repository):
+    """The real tritonserver on free loopback ports, started once per session."""
+    from serving.launcher import TritonServer
+
+    with TritonServer(serving_repository, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as srv:
+        yield srv

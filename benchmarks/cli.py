@@ -1,0 +1,55 @@
+"""``morphocam-bench``: one sub-command per benchmark; each writes JSON + PNG and prints a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from morphocam.config import parse_config
+
+USAGE = """morphocam-bench COMMAND [options]
+
+commands:
+  serving       in-process engines vs the real Triton server (throughput, latency, ratio)
+  accuracy      the paper's ablation table on the seeded split, plus k-fold CV of the full model
+  calibration   ECE before/after temperature scaling for a checkpoint
+  explanations  Grad-CAM++ faithfulness (deletion test) and cost per explanation
+Run 'morphocam-bench COMMAND --help' for a command's options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serving":
+        from .serving import ServingBenchConfig, run
+
+        run(parse_config(ServingBenchConfig, rest, "Served vs in-process throughput and latency.",
+                         prog="morphocam-bench serving"))
+    elif command == "accuracy":
+        from .accuracy import AccuracyConfig, run
+
+        run(parse_config(AccuracyConfig, rest, "Paper ablation and k-fold accuracy.", prog="morphocam-bench accuracy"))
+    elif command in ("calibration", "explanations"):
+        parser = argparse.ArgumentParser(prog=f"morphocam-bench {command}")
+        parser.add_argument("--checkpoint", type=Path, action="append", required=True)
+        parser.add_argument("--data-dir", type=Path, required=True)
+        parser.add_argument("--output-dir", type=Path, default=Path(f"results/benchmarks/{command}"))
+        parser.add_argument("--limit", type=int, default=None, help="explanations: at most this many test frames")
+        args = parser.parse_args(rest)
+        if command == "calibration":
+            from .calibration import run
+
+            for ckpt in args.checkpoint:
+                run(ckpt, args.data_dir, args.output_dir)
+        else:
+            from .explanations import run
+
+            run(args.checkpoint, args.data_dir, args.output_dir, limit=args.limit)
+    else:
+        print(f"morphocam-bench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,254 @@
+"""Serving benchmark: in-process engines (the ceiling) vs the real Triton server, in one run.
+
+The in-process ceiling is the fastest engine on the exported ONNX graph (ONNX Runtime with graph
+optimisation ALL, OpenVINO FP32 and bf16) at batch 1/8/32. The served figures come from the stock
+``tritonclient.grpc`` keeping N requests in flight against the real server on loopback; the average
+server-side batch size comes from Triton's own statistics. The client shares the machine's cores
+with the server, so its cost lowers the served figure: the JSON records the core count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from morphocam.atomic import atomic_write_text
+from morphocam.contract import INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
+from morphocam.preprocess import is_image_path, load_frame
+
+GFLOP_PER_IMAGE_224 = 0.77  # EfficientNet-B0 + CBAM at 224x224 (NOTES.md); scales with pixels
+
+
+def _h(text, default=None):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ServingBenchConfig:
+    model_repository: Path = _h("Triton model repository", Path("model_repository"))
+    model: str = _h("classifier model name", "morphocam_hushem")
+    images: Path = _h("folder of real images to send", Path("samples"))
+    output_dir: Path = _h("results folder", Path("results/benchmarks/serving"))
+    batches: tuple[int, ...] = _h("in-process batch sizes", (1, 8, 32))
+    concurrency: tuple[int, ...] = _h("requests in flight", (1, 4, 16, 64))
+    request_batches: tuple[int, ...] = _h("frames per request for the served runs", (1, 8))
+    seconds: float = _h("seconds per served measurement", 8.0)
+    inprocess_seconds: float = _h("seconds per in-process measurement", 4.0)
+    explain: bool = _h("also time the explanation model at batch 1 and 8", True)
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def load_images(folder: Path, contract: InputContract, count: int = 64) -> np.ndarray:
+    paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image_path(p))
+    if not paths:
+        raise FileNotFoundError(f"no images under {folder}")
+    frames = [load_frame(p, contract.height, contract.width) for p in paths[:count]]
+    while len(frames) < count:
+        frames += frames[: count - len(frames)]
+    return np.stack(frames)
+
+
+def _time_loop(fn, seconds: float, per_call: int) -> float:
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += per_call
+    return n / (time.perf_counter() - t0)
+
+
+def inprocess(onnx_path: Path, frames: np.ndarray, batches, seconds: float) -> dict:
+    import onnxruntime as ort
+    import openvino as ov
+
+    threads = os.cpu_count() or 1
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    core = ov.Core()
+    engines = {"onnxruntime_fp32": lambda b: sess.run(None, {INPUT_NAME: b})}
+    for prec, hint in (("openvino_fp32", "f32"), ("openvino_bf16", "bf16")):
+        try:
+            compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                                  "INFERENCE_NUM_THREADS": threads})
+        except RuntimeError as exc:  # bf16 unsupported on this CPU
+            print(f"[inprocess] {prec} unavailable: {exc}")
+            continue
+        engines[prec] = (lambda c: (lambda b: c(b)))(compiled)
+    out: dict = {}
+    for name, run in engines.items():
+        for b in batches:
+            batch = frames[:b]
+            out.setdefault(name, {})[str(b)] = _time_loop(lambda: run(batch), seconds, b)
+            print(f"[inprocess] {name:18s} batch {b:3d}: {out[name][str(b)]:7.1f} img/s", flush=True)
+    return out
+
+
+def _stats(client, model: str) -> tuple[int, int]:
+    s = client.get_inference_statistics(model_name=model, as_json=True)["model_stats"][0]
+    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+
+def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_request: int,
+           seconds: float) -> dict:
+    """Keep ``concurrency`` requests of ``per_request`` frames in flight for ``seconds``."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    inputs = []
+    for start in range(0, len(frames) - per_request + 1, per_request):
+        inp = grpcclient.InferInput(INPUT_NAME, [per_request, *frames.shape[1:]], "UINT8")
+        inp.set_data_from_numpy(frames[start:start + per_request])
+        inputs.append(inp)
+    outputs = [grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES)]
+    client.infer(model, [inputs[0]], outputs=outputs)  # warm path
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"sent": 0, "inflight": 0}
+    deadline = [0.0]
+
+    def submit():
+        with lock:
+            i = state["sent"]
+            state["sent"] += 1
+            state["inflight"] += 1
+        t = time.perf_counter()
+        client.async_infer(model, [inputs[i % len(inputs)]], callback=lambda r, e, t=t: finish(t, r, e),
+                           outputs=outputs, client_timeout=30)
+
+    def finish(t, result, error):
+        now = time.perf_counter()
+        with lock:
+            state["inflight"] -= 1
+            if error is not None:
+                errors.append(str(error))
+            else:
+                lat.append(now - t)
+            again = now < deadline[0]
+            if not again and state["inflight"] == 0:
+                done.set()
+        if again:
+            submit()
+
+    before = _stats(client, model)
+    t0 = time.perf_counter()
+    deadline[0] = t0 + seconds
+    for _ in range(concurrency):
+        submit()
+    done.wait(seconds + 60)
+    elapsed = time.perf_counter() - t0
+    after = _stats(client, model)
+    client.close()
+    ms = np.array(lat) * 1e3
+    inf, exe = after[0] - before[0], after[1] - before[1]
+    return {"concurrency": concurrency, "frames_per_request": per_request, "requests": len(lat),
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "images_per_s": len(lat) * per_request / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "avg_server_batch": inf / exe if exe else None}
+
+
+def explain_latency(url: str, model: str, frames: np.ndarray, batches=(1, 8), repeats: int = 5) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    out = {}
+    for b in batches:
+        inp = grpcclient.InferInput(INPUT_NAME, [b, *frames.shape[1:]], "UINT8")
+        inp.set_data_from_numpy(frames[:b])
+        client.infer(model, [inp], client_timeout=120)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            client.infer(model, [inp], client_timeout=120)
+            times.append(time.perf_counter() - t)
+        out[str(b)] = {"ms_per_request": 1e3 * float(np.median(times)), "ms_per_image": 1e3 * float(np.median(times)) / b}
+        print(f"[explain] batch {b}: {out[str(b)]['ms_per_image']:.1f} ms/image", flush=True)
+    client.close()
+    return out
+
+
+def run(cfg: ServingBenchConfig) -> dict:
+    from serving.launcher import TritonServer
+
+    version_dir = cfg.model_repository / cfg.model / "1"
+    contract = InputContract.load(version_dir / "contract.json")
+    frames = load_images(cfg.images, contract)
+    gflop = GFLOP_PER_IMAGE_224 * contract.height * contract.width / 224 ** 2
+    peak = matmul_peak_gflops()
+    print(f"[machine] {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s "
+          f"-> compute bound {peak / gflop:.0f} img/s at {gflop:.2f} GFLOP/image", flush=True)
+    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "matmul_peak_gflops": peak,
+                    "gflop_per_image": gflop, "input": [contract.height, contract.width]}
+    onnx_files = {p.name: p for p in version_dir.glob("*.onnx")}
+    result["inprocess"] = {name: inprocess(p, frames, cfg.batches, cfg.inprocess_seconds)
+                           for name, p in sorted(onnx_files.items())}
+    best = max((v, f"{f}:{e}@{b}") for f, engines in result["inprocess"].items()
+               for e, per_b in engines.items() for b, v in per_b.items())
+    result["ceiling_images_per_s"], result["ceiling"] = best
+    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak
+    with TritonServer(cfg.model_repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
+        result["server_startup_s"] = srv.startup_seconds
+        rows = []
+        for per_request in cfg.request_batches:
+            for c in cfg.concurrency:
+                row = served(srv.grpc_url, cfg.model, frames, c, per_request, cfg.seconds)
+                row["ratio_to_ceiling"] = row["images_per_s"] / best[0]
+                rows.append(row)
+                print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {row['images_per_s']:7.1f} img/s "
+                      f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms, server batch {row['avg_server_batch']:.1f}, "
+                      f"ratio {row['ratio_to_ceiling']:.2f}, errors {row['errors']}", flush=True)
+        result["served"] = rows
+        explain_model = f"{cfg.model}_explain"
+        if cfg.explain and (cfg.model_repository / explain_model).is_dir():
+            result["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.output_dir / "serving.json", json.dumps(result, indent=2) + "\n")
+    plot(result, cfg.output_dir / "serving.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for per_request in sorted({r["frames_per_request"] for r in result["served"]}):
+        rows = [r for r in result["served"] if r["frames_per_request"] == per_request]
+        a1.plot([r["concurrency"] for r in rows], [r["images_per_s"] for r in rows], "o-",
+                label=f"served, {per_request} frame(s)/request")
+        a2.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{per_request} frame(s)/request")
+    a1.axhline(result["ceiling_images_per_s"], color="k", ls="--", label=f"in-process ceiling ({result['ceiling']})")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("requests in flight")
+        ax.legend(fontsize=7)
+    a1.set_ylabel("images/s")
+    a2.set_ylabel("p99 latency (ms)")
+    fig.suptitle(f"{result['model']} on {result['cores']} CPU cores (client on the same cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

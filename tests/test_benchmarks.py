@@ -1,0 +1,59 @@
+"""One quick smoke test per benchmark so they do not rot (numbers are not asserted, plumbing is)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.accuracy import run as run_accuracy
+from benchmarks.accuracy import smoke_config, summarise_folds
+from benchmarks.calibration import expected_calibration_error, fit_temperature, softmax_t
+from benchmarks.cli import main as bench_main
+
+
+def test_ece_hand_computed():
+    # two frames at confidence 0.9 (one right, one wrong) and two at 0.6 (both right)
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bin 0.9: |0.5 - 0.9| * 2/4 = 0.2 ; bin 0.6: |1.0 - 0.6| * 2/4 = 0.2
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.4)
+
+
+def test_temperature_scaling_softens_overconfident_predictions():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    logits = rng.normal(0, 1, (300, 3))
+    logits[np.arange(300), labels] += 1.0
+    logits *= 6  # far too confident for ~60% accuracy
+    logp = np.log(softmax_t(logits, 1.0))
+    t = fit_temperature(logp, labels)
+    assert t > 2
+    assert expected_calibration_error(softmax_t(logp, t), labels) < expected_calibration_error(softmax_t(logp, 1), labels)
+
+
+def test_fold_summary_statistics():
+    rows = [{"accuracy": a, "macro_f1": a - 0.1} for a in (0.8, 0.9, 1.0)]
+    s = summarise_folds(rows)
+    assert s["accuracy_mean"] == pytest.approx(0.9) and s["accuracy_std"] == pytest.approx(0.1)
+    # t(0.975, 2) = 4.303 -> half-width 4.303 * 0.1 / sqrt(3)
+    assert s["accuracy_ci95"][1] - 0.9 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+
+
+def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
+    cfg = smoke_config(tmp_path, hushem_dir.parent)
+    summary = run_accuracy(cfg)
+    row = summary["single_split"]["hushem"]["simplecnn"]
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["paper_accuracy"] == pytest.approx(0.7273)
+    assert (tmp_path / "accuracy.json").is_file() and (tmp_path / "accuracy.png").is_file()
+    # resumable: the finished run is reused, not retrained
+    mtime = (tmp_path / "hushem" / "simplecnn" / "single" / "metrics.json").stat().st_mtime
+    run_accuracy(cfg)
+    assert (tmp_path / "hushem" / "simplecnn" / "single" / "metrics.json").stat().st_mtime == mtime
+    assert json.loads((tmp_path / "accuracy.json").read_text())["single_split"]["hushem"]["simplecnn"] == row
+
+
+def test_bench_cli_rejects_unknown_commands(capsys):
+    assert bench_main(["nonsense"]) == 2
+    assert "unknown command" in capsys.readouterr().err

@@ -1,0 +1,394 @@
+"""Export stage: ONNX parity on real images, dynamic batch, repository layout and configs through
+Triton's protobuf, refusal of bad checkpoints (nothing written), TensorRT skip, regeneration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+from morphocam.contract import (DATASET_CLASSES, EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_TARGET,  # noqa: E402
+                                INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, InputContract)
+from export.config import ExportConfig  # noqa: E402
+from export.errors import ExportError  # noqa: E402
+
+CLASSES = DATASET_CLASSES["hushem"]
+SIZE = 224
+
+
+def _meta(contract: InputContract, arch: str = "tf_efficientnet_lite0") -> dict:
+    return {"contract": contract.to_dict(), "arch": arch, "use_cbam": True, "dropout": 0.2, "cbam_reduction": 16,
+            "weights": "random (test)", "metrics": {"test": {"accuracy": 0.0}}, "data_fingerprint": "test",
+            "recipe": {"dataset": contract.dataset}}
+
+
+def make_checkpoint(path: Path, classes=CLASSES, head_classes: int | None = None, dataset: str = "hushem",
+                    seed: int = 0) -> Path:
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.model import build_model
+
+    torch.manual_seed(seed)
+    net = build_model("tf_efficientnet_lite0", head_classes or len(classes)).eval()
+    contract = InputContract(classes=tuple(classes), height=SIZE, width=SIZE, dataset=dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(net, _meta(contract), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def real_frames(hushem_dir) -> np.ndarray:
+    from morphocam.preprocess import load_frame
+
+    files = [sorted((hushem_dir / c).iterdir())[0] for c in CLASSES] + [sorted((hushem_dir / "Normal").iterdir())[1]]
+    return np.stack([load_frame(f, SIZE, SIZE) for f in files])  # 5 real frames
+
+
+def fast_config(tmp_path: Path, ckpt: Path, hushem_dir: Path, **kw) -> ExportConfig:
+    base = dict(checkpoints=[ckpt], output=tmp_path / "repo", data_root=hushem_dir.parent, exporter="legacy",
+                measure=False, int8=False, parity_images=4, progress=False)
+    base.update(kw)
+    return ExportConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
+    from export.repository import write_repository
+
+    tmp = tmp_path_factory.mktemp("cpu")
+    cfg = fast_config(tmp, random_ckpt, hushem_dir)
+    return cfg.output, write_repository(cfg)
+
+
+# ------------------------------------------------------------------ graph and parity
+
+def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, real_frames):
+    import onnx
+
+    from export.engines import OrtRunner
+    from export.onnx_export import export_onnx
+    from export.parity import check_parity
+    from training.checkpoint import contract_of, load_checkpoint
+
+    net, meta = load_checkpoint(random_ckpt)
+    contract = contract_of(meta)
+    f = tmp_path / "model.onnx"
+    info = export_onnx(net, contract, f, opset=18, exporter="legacy")
+    assert info["opset"] == 18
+    onnx.checker.check_model(onnx.load(str(f)))
+    par = check_parity(net, f, real_frames, contract, tolerance=1e-4)
+    assert par["max_abs_prob_diff"] <= 1e-4 and par["argmax_agreement"] == 1.0
+    runner = OrtRunner(f, threads=1)
+    lo1, p1 = runner(real_frames[:1])
+    lo5, p5 = runner(real_frames)
+    assert lo1.shape == (1, 4) and p5.shape == (5, 4) and lo5.dtype == np.float32
+    np.testing.assert_allclose(p5.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(lo1, lo5[:1], atol=1e-4)
+
+
+def test_parity_failure_is_reported(tmp_path, random_ckpt, real_frames):
+    """A graph that disagrees with the checkpoint (other weights) is refused with the numbers."""
+    from export.onnx_export import export_onnx
+    from export.parity import check_parity
+    from training.checkpoint import contract_of, load_checkpoint
+
+    other = make_checkpoint(tmp_path / "other" / "model.safetensors", seed=1)
+    net, meta = load_checkpoint(random_ckpt)
+    net2, _ = load_checkpoint(other)
+    f = tmp_path / "m.onnx"
+    export_onnx(net2, contract_of(meta), f, exporter="legacy")
+    with pytest.raises(ExportError, match="parity check failed"):
+        check_parity(net, f, real_frames[:2], contract_of(meta), tolerance=1e-6)
+
+
+# ------------------------------------------------------------------ repository and configs
+
+def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
+    out, results = cpu_repo
+    m = out / "morphocam_hushem"
+    e = out / "morphocam_hushem_explain"
+    for rel in ("config.pbtxt", "labels.txt", "model_card.json", "warmup/IMAGES", "1/model.py", "1/model.onnx",
+                "1/contract.json"):
+        assert (m / rel).is_file(), rel
+    for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/model.safetensors", "1/model.safetensors.sha256"):
+        assert (e / rel).is_file(), rel
+    assert (m / "labels.txt").read_text().splitlines() == list(CLASSES)
+    assert (m / "warmup" / "IMAGES").stat().st_size == SIZE * SIZE * 3
+    assert (m / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/classifier.py").read_bytes()
+    assert (e / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/explainer.py").read_bytes()
+    assert InputContract.load(m / "1" / "contract.json").classes == CLASSES
+    card = json.loads((m / "model_card.json").read_text())
+    from training.checkpoint import file_sha256
+
+    assert card["checkpoint"]["sha256"] == file_sha256(random_ckpt)
+    assert card["export"]["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert card["data"]["dataset"] == "hushem" and card["model"]["arch"] == "tf_efficientnet_lite0"
+    assert not [p for p in out.parent.iterdir() if ".staging." in p.name]
+
+
+def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.pbtxt import parse
+
+    out, _ = cpu_repo
+    cfg = parse(out / "morphocam_hushem" / "config.pbtxt")
+    assert isinstance(cfg, mc.ModelConfig)
+    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == 32
+    (inp,) = cfg.input
+    assert inp.name == INPUT_NAME and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [SIZE, SIZE, 3]
+    outs = {o.name: o for o in cfg.output}
+    assert set(outs) == {OUTPUT_PROBABILITIES, OUTPUT_LOGITS}
+    assert outs[OUTPUT_PROBABILITIES].label_filename == "labels.txt"
+    assert all(o.data_type == mc.TYPE_FP32 and list(o.dims) == [4] for o in outs.values())
+    db = cfg.dynamic_batching
+    assert db.max_queue_delay_microseconds == 2000 and not db.preferred_batch_size
+    assert db.default_queue_policy.max_queue_size == 256
+    assert db.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params == {"engine": "onnxruntime", "precision": "fp32", "model_file": "model.onnx", "threads": "0"}
+    (w,) = cfg.model_warmup
+    assert w.batch_size == 1 and w.inputs[INPUT_NAME].input_data_file == "IMAGES"
+    assert list(w.inputs[INPUT_NAME].dims) == [SIZE, SIZE, 3]
+
+
+def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.pbtxt import parse
+    from training.checkpoint import file_sha256
+
+    out, _ = cpu_repo
+    cfg = parse(out / "morphocam_hushem_explain" / "config.pbtxt")
+    assert cfg.name == "morphocam_hushem_explain" and cfg.backend == "python" and cfg.max_batch_size == 8
+    ins = {i.name: i for i in cfg.input}
+    assert list(ins[INPUT_NAME].dims) == [SIZE, SIZE, 3] and ins[INPUT_NAME].data_type == mc.TYPE_UINT8
+    assert ins[EXPLAIN_TARGET].optional and ins[EXPLAIN_TARGET].data_type == mc.TYPE_INT32
+    outs = {o.name: o for o in cfg.output}
+    assert outs[OUTPUT_PROBABILITIES].label_filename == "labels.txt"
+    assert list(outs[EXPLAIN_HEATMAP].dims) == [SIZE, SIZE]
+    assert outs[EXPLAIN_OVERLAY_PNG].data_type == mc.TYPE_STRING
+    assert outs[EXPLAIN_TARGET + "_USED"].data_type == mc.TYPE_INT32
+    assert cfg.parameters["checkpoint_sha256"].string_value == file_sha256(random_ckpt)
+    assert cfg.parameters["checkpoint"].string_value == "model.safetensors"
+    assert cfg.HasField("dynamic_batching")
+
+
+def test_gpu_onnx_trt_config(tmp_path, random_ckpt, hushem_dir):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.pbtxt import parse
+    from export.repository import write_repository
+
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="gpu-onnx-trt")
+    write_repository(cfg)
+    m = cfg.output / "morphocam_hushem"
+    assert (m / "1" / "model.onnx").is_file() and not (m / "1" / "model.py").exists()
+    assert not (cfg.output / "morphocam_hushem_explain").exists()
+    c = parse(m / "config.pbtxt")
+    assert c.platform == "onnxruntime_onnx" and c.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    (acc,) = c.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+    assert acc.parameters["trt_engine_cache_enable"] == "true"
+
+
+def _has_tensorrt_gpu() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_tensorrt_gpu(), reason="TensorRT engine build needs the `tensorrt` package and a CUDA "
+                                                    "GPU; neither is available here (path untested)")
+def test_tensorrt_plan_build(tmp_path, random_ckpt, hushem_dir):
+    from export.repository import write_repository
+
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="tensorrt")
+    write_repository(cfg)
+    assert (cfg.output / "morphocam_hushem" / "1" / "model.plan").stat().st_size > 0
+
+
+@pytest.mark.skipif(_has_tensorrt_gpu(), reason="TensorRT and a GPU are present")
+def test_tensorrt_target_stops_clearly_without_gpu(tmp_path, random_ckpt, hushem_dir):
+    from export.repository import write_repository
+
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="tensorrt")
+    with pytest.raises(ExportError, match="tensorrt|GPU"):
+        write_repository(cfg)
+    assert not cfg.output.exists()
+
+
+# ------------------------------------------------------------------ bad checkpoints
+
+def _truncated(tmp: Path, good: Path) -> Path:
+    p = tmp / "bad" / "model.safetensors"
+    p.parent.mkdir()
+    p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return p
+
+
+def _no_metadata(tmp: Path, good: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    p = tmp / "bad" / "model.safetensors"
+    p.parent.mkdir()
+    save_file(load_file(str(good)), str(p))
+    return p
+
+
+def _wrong_class_count(tmp: Path, good: Path) -> Path:
+    # the metadata says hushem with 3 classes: not the hushem contract
+    return make_checkpoint(tmp / "bad" / "model.safetensors", classes=CLASSES[:3])
+
+
+def _head_mismatch(tmp: Path, good: Path) -> Path:
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from training.checkpoint import file_sha256
+
+    src = make_checkpoint(tmp / "src" / "model.safetensors", classes=("a", "b", "c"), dataset="other")
+    with safe_open(str(src), framework="pt") as fh:
+        meta = _json.loads(fh.metadata()["morphocam"])
+    meta["contract"]["classes"] = ["a", "b", "c", "d"]  # 4 classes claimed, 3-way head
+    p = tmp / "bad" / "model.safetensors"
+    p.parent.mkdir()
+    save_file(load_file(str(src)), str(p), metadata={"morphocam": _json.dumps(meta)})
+    p.with_name(p.name + ".sha256").write_text(f"{file_sha256(p)}  model.safetensors\n")
+    return p
+
+
+def _sha_mismatch(tmp: Path, good: Path) -> Path:
+    p = tmp / "bad" / "model.safetensors"
+    p.parent.mkdir()
+    p.write_bytes(good.read_bytes())
+    p.with_name(p.name + ".sha256").write_text("0" * 64 + "  model.safetensors\n")
+    return p
+
+
+@pytest.mark.parametrize("make_bad,message", [
+    (_truncated, "not a readable safetensors|cannot read weights"),
+    (_no_metadata, "no morphocam metadata"),
+    (_wrong_class_count, "do not match the hushem contract"),
+    (_head_mismatch, "does not match the 4 classes"),
+    (_sha_mismatch, "sha256"),
+])
+def test_bad_checkpoint_is_refused_and_nothing_written(tmp_path, random_ckpt, hushem_dir, make_bad, message, capsys):
+    from export.cli import main
+
+    bad = make_bad(tmp_path, random_ckpt)
+    out = tmp_path / "out" / "repo"
+    # once with the good checkpoint first: its finished model must not be committed either
+    ckpts = f"{random_ckpt},{bad}" if make_bad is _sha_mismatch else str(bad)
+    rc = main(["--checkpoints", ckpts, "--output", str(out), "--exporter", "legacy",
+               "--measure", "false", "--data-root", str(hushem_dir.parent), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(bad) in err and __import__("re").search(message, err), err
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no staging folder left behind
+
+
+def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
+    from export.repository import write_repository
+
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, serving_models_dir=tmp_path / "nowhere")
+    with pytest.raises(ExportError, match="classifier.py is missing"):
+        write_repository(cfg)
+    assert not cfg.output.exists()
+
+
+# ------------------------------------------------------------------ regeneration
+
+def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ckpt, hushem_dir, real_frames):
+    from export.engines import OrtRunner
+    from export.repository import write_repository
+
+    out, _ = cpu_repo
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False)
+    write_repository(cfg)
+    a = OrtRunner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    b = OrtRunner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dataset", ["hushem", "smids"])
+def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
+    """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""
+    from export.engines import OrtRunner
+    from export.onnx_export import export_onnx
+    from morphocam.preprocess import load_frame
+    from training.checkpoint import contract_of, load_checkpoint
+
+    m = repo_root / "model_repository" / f"morphocam_{dataset}"
+    ckpt = m.parent / f"morphocam_{dataset}_explain" / "1" / "model.safetensors"
+    if not (m / "1" / "model.onnx").is_file() or not ckpt.is_file():
+        pytest.skip(f"no committed {m.name} with its checkpoint in model_repository/")
+    card = json.loads((m / "model_card.json").read_text())
+    net, meta = load_checkpoint(ckpt)
+    contract = contract_of(meta)
+    assert card["checkpoint"]["sha256"] == (ckpt.with_name(ckpt.name + ".sha256").read_text().split()[0])
+    exporter = "dynamo" if card["export"]["exporter"].startswith("dynamo") else "legacy"
+    f = tmp_path / "model.onnx"
+    export_onnx(net, contract, f, opset=card["export"]["opset"], exporter=exporter)
+    root = Path(card["data"]["root"])
+    if not root.is_absolute():
+        root = repo_root / root
+    files = [sorted((root / c).iterdir())[0] for c in contract.classes]
+    frames = np.stack([load_frame(p, contract.height, contract.width) for p in files])
+    a = OrtRunner(m / "1" / "model.onnx", 1)(frames)
+    b = OrtRunner(f, 1)(frames)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-4)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+
+
+# ------------------------------------------------------------------ INT8
+
+def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
+    """Static INT8 (ORT QDQ, MinMax) calibrated on real non-test images, on the released HuSHem test split.
+
+    Recorded 2026-11-25 (export log / model card): FP32 0.818, INT8 0.606 (ORT) / 0.576 (OpenVINO),
+    agreement 0.73 / 0.67, so the exporter does NOT keep INT8 (rule: <= 1 point). This test guards the
+    recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule would reject it.
+    """
+    from export import data as D
+    from export.engines import OrtRunner, predict
+    from export.onnx_export import export_onnx
+    from export.quantize import quantize_int8
+    from training.checkpoint import contract_of, load_checkpoint
+
+    ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
+    if not ckpt.is_file():
+        pytest.skip(f"released HuSHem checkpoint {ckpt} not trained yet")
+    net, meta = load_checkpoint(ckpt)
+    c = contract_of(meta)
+    test = D.load_test_split(ckpt)
+    x = D.load_images(hushem_dir, test.paths, c)
+    f32, i8 = tmp_path / "m.onnx", tmp_path / "m8.onnx"
+    export_onnx(net, c, f32, exporter="legacy")
+    cal, _ = D.calibration_images(hushem_dir, c, test, 32)
+    quantize_int8(f32, i8, cal)
+    p32 = predict(OrtRunner(f32), x)[1].argmax(1)
+    p8 = predict(OrtRunner(i8), x)[1].argmax(1)
+    acc32, acc8 = np.mean(p32 == test.labels), np.mean(p8 == test.labels)
+    assert acc32 - acc8 <= 0.30, (acc32, acc8)
+    assert np.mean(p32 == p8) >= 0.6
+    keep = (acc32 - acc8) * 100 <= ExportConfig().int8_max_drop
+    assert keep == (acc8 >= acc32 - 0.01)  # the rule the exporter applies

@@ -1,0 +1,92 @@
+"""``morphocam-serve``: the real Triton server on ``model_repository/``, loopback by default.
+
+    morphocam-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
+                    [--metrics-port 8002] [--log-verbose 0] [--startup-timeout 300]
+
+Waits until the server and every model (warm-up included) are ready, prints the endpoints, and on
+SIGINT/SIGTERM stops the server cleanly (no stub processes or /dev/shm segments left behind).
+
+The same repository exported for the GPU target runs unchanged on NGC's container, e.g.
+``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository:/models
+nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from morphocam.config import parse_config
+
+from .launcher import LOOPBACK_HOSTS, ServerStartError, TritonServer
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ServeConfig:
+    model_repository: Path = field(default=PROJECT_ROOT / "model_repository",
+                                   metadata={"help": "Triton model repository (written by morphocam-export)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind gRPC, HTTP and metrics to"})
+    grpc_port: int = field(default=8001, metadata={"help": "gRPC (KServe v2) port"})
+    http_port: int = field(default=8000, metadata={"help": "HTTP (KServe v2) port"})
+    metrics_port: int = field(default=8002, metadata={"help": "Prometheus metrics port"})
+    log_verbose: int = field(default=0, metadata={"help": "Triton --log-verbose level"})
+    startup_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for all models to be ready"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ServeConfig, argv, "Serve morphocam models with NVIDIA Triton Inference Server (CPU).",
+                       prog="morphocam-serve")
+    if cfg.host not in LOOPBACK_HOSTS:
+        print(f"warning: binding to {cfg.host}: the server has no authentication or TLS; anyone who can reach "
+              f"this address can run inference and read metrics. Put it behind a proxy or firewall.",
+              file=sys.stderr)
+    repo = Path(cfg.model_repository)
+    if not repo.is_dir() or not any(repo.iterdir()):
+        print(f"error: model repository {repo} is missing or empty; create it with morphocam-export",
+              file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    server = TritonServer(repo, host=cfg.host, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
+                          metrics_port=cfg.metrics_port, log_verbose=cfg.log_verbose,
+                          startup_timeout=cfg.startup_timeout)
+    print(f"starting tritonserver on {repo} (log: {server.log_path}) ...", flush=True)
+    try:
+        server.start()
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        models = ", ".join(f"{m['name']} v{m.get('version', '?')}" for m in server.models())
+        print(f"ready in {server.startup_seconds:.1f} s: {models}", flush=True)
+        print(f"  gRPC    {server.grpc_url}\n  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}",
+              flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        while not stop.is_set():
+            if server.process is not None and server.process.poll() is not None:
+                print(f"error: tritonserver exited unexpectedly (code {server.process.returncode}); "
+                      f"log tail:\n{server.log_tail()}", file=sys.stderr)
+                server.stop()
+                return 1
+            stop.wait(0.5)
+        print("stopping ...", flush=True)
+    finally:
+        code = server.stop()
+    print(f"stopped (tritonserver exit code {code})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The Python-backend model files in-process, with a stand-in ``triton_python_backend_utils``.
+
+Fast checks of ``execute``'s contract (one response per request, errors inside responses, the
+dynamic batch split back correctly) without starting a server; the live server is in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self.name, self._a = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self._a
+
+
+class _Response:
+    def __init__(self, output_tensors=None, error=None):
+        self.output_tensors, self.error = output_tensors or [], error
+
+    def out(self, name):
+        return next(t.as_numpy() for t in self.output_tensors if t.name == name)
+
+
+class _Error:
+    def __init__(self, msg):
+        self.msg = msg
+
+    def message(self):
+        return self.msg
+
+
+def fake_pb_utils() -> types.ModuleType:
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor = _Tensor
+    mod.InferenceResponse = _Response
+    mod.TritonError = _Error
+    mod.TritonModelException = type("TritonModelException", (Exception,), {})
+    mod.Logger = types.SimpleNamespace(log_info=lambda *a, **k: None, log_warn=lambda *a, **k: None)
+    mod.get_input_tensor_by_name = lambda request, name: request.get(name)
+    return mod
+
+
+def load_model_py(model_dir: Path, config: dict, version: str = "1"):
+    """Import ``<model_dir>/<version>/model.py`` as Triton would and call ``initialize``."""
+    sys.modules.setdefault("triton_python_backend_utils", fake_pb_utils())
+    path = Path(model_dir) / version / "model.py"
+    spec = importlib.util.spec_from_file_location(f"_triton_model_{Path(model_dir).name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": config.get("name", Path(model_dir).name),
+                      "model_repository": str(model_dir), "model_version": version})
+    return model
+
+
+def _req(x, target=None):
+    r = {"IMAGES": _Tensor("IMAGES", x)}
+    if target is not None:
+        r["TARGET_CLASS"] = _Tensor("TARGET_CLASS", target)
+    return r
+
+
+@pytest.fixture(scope="module")
+def classifier(serving_repository):
+    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+           "parameters": {"engine": {"string_value": "onnxruntime"}, "threads": {"string_value": "1"}}}
+    return load_model_py(serving_repository / "morphocam_hushem", cfg)
+
+
+def test_classifier_batch_split_and_errors_per_request(classifier):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    bad = [_req(a.astype(np.float32)), _req(a[:, :100]), _req(a[:0]), {}]
+    responses = classifier.execute([_req(a), bad[0], _req(b), bad[1], bad[2], bad[3]])
+    assert len(responses) == 6
+    assert responses[0].error is None and responses[2].error is None
+    for i, word in zip((1, 3, 4, 5), ("UINT8", "shape", "0 frames", "missing")):
+        assert responses[i].error is not None and word in responses[i].error.message()
+    # The joint batch equals each request run alone.
+    alone_a = classifier.execute([_req(a)])[0].out("PROBABILITIES")
+    np.testing.assert_allclose(responses[0].out("PROBABILITIES"), alone_a, atol=1e-6)
+    assert responses[2].out("LOGITS").shape == (1, 4)
+
+
+def test_classifier_openvino_engine(serving_repository):
+    pytest.importorskip("openvino")
+    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1}],
+           "parameters": {"engine": {"string_value": "openvino"}, "precision": {"string_value": "fp32"},
+                          "threads": {"string_value": "1"}}}
+    ov_model = load_model_py(serving_repository / "morphocam_hushem", cfg)
+    x = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    ov = ov_model.execute([_req(x)])[0].out("PROBABILITIES")
+    cfg["parameters"]["engine"]["string_value"] = "onnxruntime"
+    ort = load_model_py(serving_repository / "morphocam_hushem", cfg).execute([_req(x)])[0].out("PROBABILITIES")
+    assert np.abs(ov - ort).max() < 1e-4
+
+
+def test_explainer_errors_inside_responses(serving_repository):
+    cfg = {"name": "morphocam_hushem_explain", "max_batch_size": 8,
+           "parameters": {"checkpoint": {"string_value": "model.safetensors"}}}
+    model = load_model_py(serving_repository / "morphocam_hushem_explain", cfg)
+    x = np.full((1, 224, 224, 3), 120, np.uint8)
+    ok, bad_target, bad_dtype = model.execute([_req(x, np.array([[2]], np.int32)),
+                                               _req(x, np.array([[9]], np.int32)), _req(x.astype(np.int16))])
+    assert ok.error is None and ok.out("TARGET_CLASS_USED")[0, 0] == 2
+    assert ok.out("HEATMAP").shape == (1, 224, 224)
+    assert "out of range" in bad_target.error.message() and "0..3" in bad_target.error.message()
+    assert "UINT8" in bad_dtype.error.message()
+
+
+def test_explainer_refuses_wrong_sha256(serving_repository):
+    cfg = {"name": "x", "max_batch_size": 8, "parameters": {"checkpoint_sha256": {"string_value": "0" * 64}}}
+    mod = fake_pb_utils()
+    sys.modules.setdefault("triton_python_backend_utils", mod)
+    with pytest.raises(Exception, match="sha256"):
+        load_model_py(serving_repository / "morphocam_hushem_explain", cfg)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -146,7 +147,11 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies (e.g. a killed pytest)."""
+    """In the child before exec: SIGTERM it when the process that started it dies (e.g. a killed pytest).
+
+    Linux delivers PR_SET_PDEATHSIG when the forking *thread* exits, so it is only armed for servers
+    started from the main thread (see :meth:`TritonServer.start`).
+    """
     try:
         import ctypes
 
@@ -213,7 +218,19 @@ class TritonServer:
     def __init__(self, model_repository: Path | str, host: str = "127.0.0.1", grpc_port: int = 8001,
                  http_port: int = 8000, metrics_port: int = 8002, log_verbose: int = 0,
                  startup_timeout: float = 180.0, stop_grace: float = 15.0, log_file: Path | str | None = None,
-                 extra_args: tuple[str, ...] = (), cache_root: Path | None = None):
+                 extra_args: tuple[str, ...] = (), cache_root: Path | None = None,
+                 grpc_ssl_cert: Path | str | None = None, grpc_ssl_key: Path | str | None = None,
+                 require_all_models: bool = True):
+        """``grpc_ssl_cert``/``grpc_ssl_key`` (PEM files, both or neither) turn on TLS for gRPC (HTTP and
+        metrics stay plaintext: keep them on loopback). ``require_all_models=False`` lets the server come
+        up when some models fail to load (``--exit-on-error=false``): readiness then waits until every
+        model has a final state and at least one is READY; the failures are in :attr:`failed_models`."""
+        if (grpc_ssl_cert is None) != (grpc_ssl_key is None):
+            raise ValueError("give both grpc_ssl_cert and grpc_ssl_key (PEM files) for gRPC TLS, or neither")
+        self.grpc_ssl_cert = Path(grpc_ssl_cert).resolve() if grpc_ssl_cert else None
+        self.grpc_ssl_key = Path(grpc_ssl_key).resolve() if grpc_ssl_key else None
+        self.require_all_models = require_all_models
+        self.failed_models: dict[str, str] = {}
         self.model_repository = Path(model_repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port(host)
@@ -261,7 +278,7 @@ class TritonServer:
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
-            "--strict-readiness=true", "--exit-on-error=true",
+            "--strict-readiness=true", f"--exit-on-error={'true' if self.require_all_models else 'false'}",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             # Room for a full 32-frame 224x224 batch without growing the region on the hot path.
@@ -269,6 +286,9 @@ class TritonServer:
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--exit-timeout-secs={max(int(self.stop_grace) - 2, 1)}",
         ]
+        if self.grpc_ssl_cert:
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.grpc_ssl_cert}",
+                     f"--grpc-server-key={self.grpc_ssl_key}"]
         return args + list(self.extra_args)
 
     # ----------------------------------------------------------------- lifecycle
@@ -288,6 +308,9 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise ServerStartError(f"model repository {self.model_repository} does not exist "
                                    "(create it with morphocam-export)")
+        for pem in (self.grpc_ssl_cert, self.grpc_ssl_key):
+            if pem is not None and not pem.is_file():
+                raise ServerStartError(f"gRPC TLS file {pem} does not exist")
         self._install = TritonInstall.find()
         self.check_ports()
         cleanup_stale_shm()
@@ -297,7 +320,7 @@ class TritonServer:
             # Own session: a terminal's Ctrl-C goes to us, and stop() can signal the whole group.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None)
         try:
             self.wait_ready(self.startup_timeout)
         except BaseException:
@@ -341,12 +364,22 @@ class TritonServer:
             if code is not None:
                 raise ServerStartError(f"tritonserver exited with code {code} before becoming ready; "
                                        f"log ({self.log_path}):\n{self.log_tail()}")
-            if self.is_ready():
+            if self.require_all_models and self.is_ready():
                 # --strict-readiness: ready means every model loaded; check the index for the record.
                 models = self.models()
                 not_ready = [m for m in models if m.get("state") != "READY"]
                 if models and not not_ready:
                     return
+            elif not self.require_all_models and self._http("GET", "/v2/health/live")[0] == 200:
+                # Some models may have failed: wait for every model to reach a final state.
+                models = self.models()
+                if models and all(m.get("state") in ("READY", "UNAVAILABLE") for m in models):
+                    self.failed_models = {m["name"]: m.get("reason", "") for m in models
+                                          if m.get("state") != "READY"}
+                    if len(self.failed_models) < len(models):
+                        return
+                    raise ServerStartError(f"no model loaded: {self.failed_models}; "
+                                           f"log ({self.log_path}):\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise ServerStartError(f"tritonserver not ready after {timeout:.0f} s; "
                                        f"log ({self.log_path}):\n{self.log_tail()}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.report import WHO_MIN_CELLS, build_report, render_html, wilson_interval, write_report
+from clients.report import WHO_MIN_CELLS, build_report, wilson_interval, write_report
 from clients.results_io import ResultWriter, read_records
 from clients.sources import Frame, expand_inputs, npy_stream_frames, resume_key, video_frames
 from clients.streaming import ClientOptions, ModelInfo, StreamingClassifier, is_transient, parse_classification
@@ -366,3 +365,14 @@ def test_clients_do_not_import_torch_or_server_code():
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_demo_fails_clearly_without_a_model_repository(tmp_path, capsys):
+    from clients.demo import main as demo_main
+
+    assert demo_main(["--model-repository", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert demo_main(["--model-repository", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no morphocam_<dataset> model" in err and "morphocam-export" in err

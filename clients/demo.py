@@ -1,0 +1,131 @@
+"""``morphocam-demo``: the whole pipeline on the bundled samples, end to end.
+
+Starts ``tritonserver`` on the committed ``model_repository/`` (free loopback ports), streams
+``samples/hushem`` through ``morphocam_hushem`` and ``samples/smids`` through ``morphocam_smids``
+with the streaming client, prints each per-sample report, explains the 3 least confident frames,
+says where everything was written (default ``out/demo/``), and stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from morphocam.contract import EXPLAIN_SUFFIX, model_name_for
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("hushem", "smids")
+
+BUILD_HINT = """\
+The model repository {repo} {problem}.
+Build it from trained checkpoints first, e.g.:
+    morphocam-train --dataset hushem --data-dir ../shared/datasets/hushem --output-dir results/training/hushem
+    morphocam-train --dataset smids --data-dir ../shared/datasets/smids --output-dir results/training/smids
+    morphocam-export --checkpoints results/training/hushem/model.safetensors,results/training/smids/model.safetensors \\
+        --output model_repository
+(see README.md), or point --model-repository at an existing repository."""
+
+
+def served_models(repo: Path) -> dict[str, tuple[str, bool]]:
+    """dataset -> (model name, has an explain model) for the models present in the repository."""
+    found = {}
+    for ds in DATASETS:
+        name = model_name_for(ds)
+        if (repo / name / "config.pbtxt").is_file():
+            found[ds] = (name, (repo / (name + EXPLAIN_SUFFIX) / "config.pbtxt").is_file())
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="morphocam-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    p.add_argument("--samples", type=Path, default=PROJECT_ROOT / "samples")
+    p.add_argument("--output-dir", type=Path, default=Path("out/demo"))
+    p.add_argument("--explain", type=int, default=3, help="explain this many least-confident frames per model")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+
+    repo = args.model_repository
+    if not repo.is_dir():
+        print(BUILD_HINT.format(repo=repo, problem="does not exist"), file=sys.stderr)
+        return 2
+    models = served_models(repo)
+    if not models:
+        print(BUILD_HINT.format(repo=repo, problem="holds no morphocam_<dataset> model"), file=sys.stderr)
+        return 2
+    jobs = [(ds, *models[ds]) for ds in DATASETS if ds in models and (args.samples / ds).is_dir()]
+    for ds in DATASETS:
+        if ds not in models:
+            print(f"demo: {model_name_for(ds)} is not in {repo}; skipping the {ds} samples", file=sys.stderr)
+    if not jobs:
+        print(f"demo: no samples under {args.samples} for the served models {sorted(models)}", file=sys.stderr)
+        return 2
+
+    # Only the demo starts servers; the clients themselves never import serving.
+    from serving.launcher import ServerStartError, TritonServer
+    from tqdm import tqdm
+
+    from clients.classify_cli import format_summary
+    from clients.explain_cli import explain_frames, select_from_results
+    from clients.report import build_report, format_text, write_report
+    from clients.results_io import ResultWriter
+    from clients.sources import count_inputs, expand_inputs
+    from clients.streaming import ClientOptions, StreamingClassifier
+
+    out = args.output_dir
+    print(f"demo: starting tritonserver on {repo} ...", file=sys.stderr)
+    t0 = time.monotonic()
+    try:
+        server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=300).start()
+    except ServerStartError as exc:
+        print(f"demo: the server did not start: {exc}", file=sys.stderr)
+        return 3
+    written: list[str] = []
+    try:
+        print(f"demo: server ready at {server.grpc_url} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        for ds, model, has_explain in jobs:
+            folder = args.samples / ds
+            rel = Path(os.path.relpath(folder))
+            folder = folder if rel.parts[:1] == ("..",) else rel  # short, stable frame ids
+            results_path = out / ds / "results.jsonl"
+            opts = ClientOptions(urls=(server.grpc_url,), model=model, batch_size=args.batch_size)
+            classifier = StreamingClassifier(opts)
+            records = []
+            with ResultWriter(results_path, "jsonl", classifier.info.classes) as writer, \
+                    tqdm(total=count_inputs([str(folder)]), unit="frame", desc=model, file=sys.stderr) as bar:
+                for rec in classifier.run(expand_inputs([str(folder)])):
+                    writer.write(rec)
+                    records.append(rec)
+                    bar.update(1)
+            summary = classifier.stats.summary()
+            print(format_summary(summary), file=sys.stderr)
+            report = build_report(records, classes=classifier.info.classes, sample=f"{ds} samples ({folder})")
+            paths = write_report(report, out / ds / "report")
+            print()
+            print(format_text(report))
+            written += [f"{ds} results: {results_path}", f"{ds} report:  {paths['html']} (+ report.json)"]
+            if has_explain and args.explain > 0:
+                ids = select_from_results(records, least_confident=args.explain)
+                explained = explain_frames(ids, [server.grpc_url], model, out / ds / "explain")
+                print(f"  explained the {len(explained)} least confident frames:")
+                for ex in explained:
+                    print(f"    {ex.frame_id}: {ex.predicted_class} p={ex.probability:.2f} -> {ex.overlay_path}")
+                written.append(f"{ds} explanations: {out / ds / 'explain' / 'contact_sheet.png'} "
+                               f"(+ overlays, heatmaps .npy)")
+    finally:
+        server.stop()
+        print("demo: server stopped", file=sys.stderr)
+    print("\nWritten:")
+    for line in written:
+        print(f"  {line}")
+    print("These are decision aids for a trained reviewer, not diagnoses.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

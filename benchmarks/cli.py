@@ -15,6 +15,7 @@ commands:
   accuracy      the paper's ablation table on the seeded split, plus k-fold CV of the full model
   calibration   ECE before/after temperature scaling for a checkpoint
   explanations  Grad-CAM++ faithfulness (deletion test) and cost per explanation
+  soak          bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99
 Run 'morphocam-bench COMMAND --help' for a command's options."""
 
 
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         from .accuracy import AccuracyConfig, run
 
         run(parse_config(AccuracyConfig, rest, "Paper ablation and k-fold accuracy.", prog="morphocam-bench accuracy"))
+    elif command == "soak":
+        from .soak import SoakConfig, run
+
+        result = run(parse_config(SoakConfig, rest, "Bounded soak: mixed classify + explain traffic.",
+                                  prog="morphocam-bench soak"))
+        ok = (result["failed_requests"] == 0 and result.get("rss_within_bound")
+              and not result["shm_segments_after_shutdown"])
+        return 0 if ok else 1
     elif command in ("calibration", "explanations"):
         parser = argparse.ArgumentParser(prog=f"morphocam-bench {command}")
         parser.add_argument("--checkpoint", type=Path, action="append", required=True)

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ExportError) as exc:
         print(f"morphocam-export: error: {exc}\n(nothing was written to {cfg.output})", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output, disk full, file-size limit: staging is removed, output untouched
+        print(f"morphocam-export: error: cannot write the repository: {exc} (is {cfg.output} on a full or "
+              f"read-only disk?)\n(nothing was written to {cfg.output})", file=sys.stderr)
+        return 2
     print(summary(results, Path(cfg.output).resolve()))
     print(f"[export] done in {time.time() - t0:.1f}s")
     return 0

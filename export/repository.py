@@ -7,7 +7,7 @@ that already exists is replaced whole). A failure at any step leaves the output 
 Layout (target ``cpu``)::
 
     <repo>/morphocam_<dataset>/          config.pbtxt, labels.txt, model_card.json, warmup/IMAGES,
-                                         1/model.py, 1/model.onnx [1/model_int8.onnx], 1/contract.json
+                                         1/model.py, 1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
     <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/model.safetensors(.sha256)
 """
 
@@ -238,6 +238,13 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
         max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
         engine=engine, precision=precision, model_file=model_file, threads=cfg.threads)
     (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
+    # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
+    model_sha256 = None
+    if (version_dir / model_file).is_file():
+        from training.checkpoint import file_sha256
+
+        model_sha256 = file_sha256(version_dir / model_file)
+        (version_dir / f"{model_file}.sha256").write_text(f"{model_sha256}  {model_file}\n")
 
     recorded_diff = None
     if recorded is not None:
@@ -258,6 +265,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
                        "code_version": meta.get("code_version")},
         "export": {**graph, "parity": par, "recorded_test_probs_max_abs_diff": recorded_diff,
                    "engine": engine, "precision": precision, "model_file": model_file,
+                   "model_sha256": model_sha256,
                    "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
         "engines": card_engines,

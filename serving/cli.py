@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from morphocam.config import parse_config
 
@@ -36,6 +37,11 @@ class ServeConfig:
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus metrics port"})
     log_verbose: int = field(default=0, metadata={"help": "Triton --log-verbose level"})
     startup_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for all models to be ready"})
+    grpc_ssl_cert: Optional[Path] = field(default=None, metadata={"help": "PEM server certificate: serve gRPC over "
+                                                                  "TLS (with --grpc-ssl-key)"})
+    grpc_ssl_key: Optional[Path] = field(default=None, metadata={"help": "PEM private key of --grpc-ssl-cert"})
+    allow_failed_models: bool = field(default=False, metadata={"help": "keep serving the models that loaded when "
+                                                                "others fail (Triton --exit-on-error=false)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    if (cfg.grpc_ssl_cert is None) != (cfg.grpc_ssl_key is None):
+        print("error: --grpc-ssl-cert and --grpc-ssl-key go together", file=sys.stderr)
+        return 2
+
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -61,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = TritonServer(repo, host=cfg.host, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
                           metrics_port=cfg.metrics_port, log_verbose=cfg.log_verbose,
-                          startup_timeout=cfg.startup_timeout)
+                          startup_timeout=cfg.startup_timeout, grpc_ssl_cert=cfg.grpc_ssl_cert,
+                          grpc_ssl_key=cfg.grpc_ssl_key, require_all_models=not cfg.allow_failed_models)
     print(f"starting tritonserver on {repo} (log: {server.log_path}) ...", flush=True)
     try:
         server.start()
@@ -71,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = ", ".join(f"{m['name']} v{m.get('version', '?')}" for m in server.models())
         print(f"ready in {server.startup_seconds:.1f} s: {models}", flush=True)
-        print(f"  gRPC    {server.grpc_url}\n  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}",
+        for name, reason in server.failed_models.items():
+            print(f"warning: model {name} failed to load and is not served: {reason}", file=sys.stderr, flush=True)
+        print(f"  gRPC    {server.grpc_url}{' (TLS)' if cfg.grpc_ssl_cert else ''}\n  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}",
               flush=True)
         print("press Ctrl-C to stop", flush=True)
         while not stop.is_set():

@@ -6,7 +6,9 @@ LOGITS, PROBABILITIES), so this file only runs an in-process engine on the whole
 - ``engine`` parameter ``onnxruntime`` (graph optimisation ALL; the FP32 reference) or ``openvino``
   (``precision`` bf16 -> INFERENCE_PRECISION_HINT bf16, else f32; LATENCY hint);
 - ``threads`` parameter: intra-op threads, ``0`` = the CPU cores available divided by the instance count;
-- ``model_file`` parameter: the graph in the version folder (``model.onnx``, ``model_int8.onnx`` ...).
+- ``model_file`` parameter: the graph in the version folder (``model.onnx``, ``model_int8.onnx`` ...);
+  when the exporter wrote a ``<model_file>.sha256`` sidecar, the file must match it or the model
+  refuses to load (a tampered or truncated graph is never served).
 
 ``execute`` concatenates every valid request of the dynamic batch into one inference, splits the
 result back and returns exactly one response per request; a bad request gets a ``TritonError``
@@ -17,6 +19,7 @@ Self-contained on purpose (numpy + the engine only): the same file runs in any T
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,6 +59,7 @@ class TritonPythonModel:
         model_file = version_dir / _param(config, "model_file", "model.onnx")
         if not model_file.is_file():
             raise pb_utils.TritonModelException(f"{self.model_name}: model file {model_file} not found")
+        self._verify_digest(model_file)
         threads = int(_param(config, "threads", "0"))
         if threads <= 0:
             instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
@@ -94,6 +98,21 @@ class TritonPythonModel:
                 f"{self.model_name}: unknown engine {self.engine!r} (use 'onnxruntime' or 'openvino')")
         pb_utils.Logger.log_info(f"{self.model_name}: engine={self.engine} precision={self.precision} "
                                  f"threads={threads} file={model_file.name}")
+
+    def _verify_digest(self, model_file: Path) -> None:
+        sidecar = model_file.with_name(model_file.name + ".sha256")
+        if not sidecar.is_file():
+            return
+        expected = (sidecar.read_text().split() or [""])[0].lower()
+        h = hashlib.sha256()
+        with open(model_file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != expected:
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: {model_file.name} sha256 {h.hexdigest()[:16]}... does not match "
+                f"{sidecar.name} ({expected[:16]}...): the file was modified or truncated after export; "
+                "refusing to load it (re-export the repository)")
 
     # ------------------------------------------------------------------ engines
     def _run_ort(self, batch: np.ndarray):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
 
 from .paper import PAPER_TABLE
 
@@ -30,27 +31,25 @@ ABLATION: dict[str, dict] = {
 }
 
 
-def _h(text, default=None):
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class AccuracyConfig:
-    data_root: Path = _h("folder holding hushem/ and smids/", Path("../shared/datasets"))
-    output_dir: Path = _h("results folder (one sub-folder per run; existing runs are reused)",
+    data_root: Path = option("folder holding hushem/ and smids/", Path("../shared/datasets"))
+    output_dir: Path = option("results folder (one sub-folder per run; existing runs are reused)",
                           Path("results/benchmarks/accuracy"))
-    datasets: tuple[str, ...] = _h("datasets to run", ("hushem",))
-    configs: tuple[str, ...] = _h("ablation rows to run", tuple(ABLATION))
-    folds: int = _h("k for the cross-validation of the full model (0 = none)", 5)
-    arch: str = _h("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
-    pretrained: str = _h("backbone weights for the EfficientNet rows", "lite0")
-    input_size: int = _h("input side", 224)
-    frozen_epochs: int = _h("stage-1 epochs (freeze-unfreeze rows)", 5)
-    epochs: int = _h("stage-2 epochs (rows without freezing train frozen+stage-2 epochs in total)", 25)
-    lr: float = _h("stage-2 learning rate", 2e-4)
-    lr_scratch: float = _h("learning rate of the SimpleCNN trained from scratch", 1e-3)
-    seed: int = _h("seed", 42)
-    limit_per_class: Optional[int] = _h("quick runs: at most this many images per class", None)
+    datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
+    configs: tuple[str, ...] = option("ablation rows to run", tuple(ABLATION))
+    folds: int = option("k for the cross-validation of the full model (0 = none)", 5)
+    arch: str = option("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
+    pretrained: str = option("backbone weights for the EfficientNet rows", "lite0")
+    input_size: int = option("input side", 224)
+    frozen_epochs: int = option("stage-1 epochs (freeze-unfreeze rows)", 5)
+    epochs: int = option("stage-2 epochs (rows without freezing train frozen+stage-2 epochs in total)", 25)
+    lr: float = option("stage-2 learning rate", 2e-4)
+    lr_scratch: float = option("learning rate of the SimpleCNN trained from scratch", 1e-3)
+    seed: int = option("seed", 42)
+    limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
 
 
 def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> dict:

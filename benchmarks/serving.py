@@ -13,34 +13,33 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
 from morphocam.contract import INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
 from morphocam.preprocess import is_image_path, load_frame
 
 GFLOP_PER_IMAGE_224 = 0.77  # EfficientNet-B0 + CBAM at 224x224 (NOTES.md); scales with pixels
 
 
-def _h(text, default=None):
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class ServingBenchConfig:
-    model_repository: Path = _h("Triton model repository", Path("model_repository"))
-    model: str = _h("classifier model name", "morphocam_hushem")
-    images: Path = _h("folder of real images to send", Path("samples"))
-    output_dir: Path = _h("results folder", Path("results/benchmarks/serving"))
-    batches: tuple[int, ...] = _h("in-process batch sizes", (1, 8, 32))
-    concurrency: tuple[int, ...] = _h("requests in flight", (1, 4, 16, 64))
-    request_batches: tuple[int, ...] = _h("frames per request for the served runs", (1, 8))
-    seconds: float = _h("seconds per served measurement", 8.0)
-    inprocess_seconds: float = _h("seconds per in-process measurement", 4.0)
-    explain: bool = _h("also time the explanation model at batch 1 and 8", True)
+    model_repository: Path = option("Triton model repository", Path("model_repository"))
+    model: str = option("classifier model name", "morphocam_hushem")
+    images: Path = option("folder of real images to send", Path("samples"))
+    output_dir: Path = option("results folder", Path("results/benchmarks/serving"))
+    batches: tuple[int, ...] = option("in-process batch sizes", (1, 8, 32))
+    concurrency: tuple[int, ...] = option("requests in flight", (1, 4, 16, 64))
+    request_batches: tuple[int, ...] = option("frames per request for the served runs", (1, 8))
+    seconds: float = option("seconds per served measurement", 8.0)
+    inprocess_seconds: float = option("seconds per in-process measurement", 4.0)
+    explain: bool = option("also time the explanation model at batch 1 and 8", True)
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:

@@ -17,34 +17,31 @@ import random
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
 from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, InputContract
-
-
-def _h(text, default=None):
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class SoakConfig:
-    model_repository: Path = _h("Triton model repository (the command starts its own server on it)",
+    model_repository: Path = option("Triton model repository (the command starts its own server on it)",
                                 Path("model_repository"))
-    model: str = _h("classifier model name (its explainer is <model>_explain)", "morphocam_hushem")
-    images: Path = _h("folder of real images to send", Path("samples"))
-    output_dir: Path = _h("results folder", Path("results/benchmarks/soak"))
-    minutes: float = _h("minutes of mixed traffic", 10.0)
-    in_flight: int = _h("requests outstanding at all times", 32)
-    explain_ratio: float = _h("fraction of requests that ask for an explanation", 0.1)
-    baseline_seconds: float = _h("seconds of classification-only traffic first (p99 without explanations)", 60.0)
-    frames_per_request: int = _h("frames per classification request", 1)
-    timeout_s: float = _h("deadline of every request, seconds", 30.0)
-    rss_growth_bound_mb: float = _h("allowed RSS growth per process, start to end (MiB)", 200.0)
-    seed: int = _h("traffic seed", 0)
+    model: str = option("classifier model name (its explainer is <model>_explain)", "morphocam_hushem")
+    images: Path = option("folder of real images to send", Path("samples"))
+    output_dir: Path = option("results folder", Path("results/benchmarks/soak"))
+    minutes: float = option("minutes of mixed traffic", 10.0)
+    in_flight: int = option("requests outstanding at all times", 32)
+    explain_ratio: float = option("fraction of requests that ask for an explanation", 0.1)
+    baseline_seconds: float = option("seconds of classification-only traffic first (p99 without explanations)", 60.0)
+    frames_per_request: int = option("frames per classification request", 1)
+    timeout_s: float = option("deadline of every request, seconds", 30.0)
+    rss_growth_bound_mb: float = option("allowed RSS growth per process, start to end (MiB)", 200.0)
+    seed: int = option("traffic seed", 0)
 
 
 def rss_mib(pid: int) -> float | None:

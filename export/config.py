@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from morphocam.config import option
 
 TARGETS = ("cpu", "gpu-onnx-trt", "tensorrt")
 ENGINES = ("auto", "onnxruntime", "openvino")
@@ -14,51 +16,47 @@ EXPORTERS = ("dynamo", "legacy")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _h(help_text: str, default, **kw):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text}, **kw)
-    return field(default=default, metadata={"help": help_text}, **kw)
 
 
 @dataclass
 class ExportConfig:
-    checkpoints: list[Path] = _h("comma-separated checkpoint files (model.safetensors), one model per dataset", [])
-    output: Path = _h("model repository folder to write (model folders are replaced whole)", Path("model_repository"))
-    target: str = _h(f"deployment target: {' | '.join(TARGETS)}", "cpu")
-    data_root: Optional[Path] = _h("folder holding <dataset>/<class>/images; default: the checkpoint recipe's "
+    checkpoints: list[Path] = option("comma-separated checkpoint files (model.safetensors), one model per dataset", [])
+    output: Path = option("model repository folder to write (model folders are replaced whole)", Path("model_repository"))
+    target: str = option(f"deployment target: {' | '.join(TARGETS)}", "cpu")
+    data_root: Optional[Path] = option("folder holding <dataset>/<class>/images; default: the checkpoint recipe's "
                                    "data_dir, then $MORPHOCAM_DATA/<dataset>, then ../shared/datasets/<dataset>", None)
     # Triton scheduling
-    max_batch_size: int = _h("max_batch_size of the classifier", 32)
-    queue_delay_us: int = _h("dynamic batching max_queue_delay_microseconds", 2000)
-    max_queue_size: int = _h("dynamic batching queue length before requests are rejected", 256)
-    queue_timeout_us: int = _h("default_timeout_microseconds of a queued request (0 = none)", 5_000_000)
-    instances: int = _h("instance_group count of the classifier", 1)
-    threads: int = _h("engine intra-op threads per instance written to the config (0 = cores / instances)", 0)
-    explain: bool = _h("also write the <model>_explain Grad-CAM++ model", True)
-    explain_max_batch_size: int = _h("max_batch_size of the explain model", 8)
-    explain_queue_delay_us: int = _h("dynamic batching delay of the explain model", 5000)
+    max_batch_size: int = option("max_batch_size of the classifier", 32)
+    queue_delay_us: int = option("dynamic batching max_queue_delay_microseconds", 2000)
+    max_queue_size: int = option("dynamic batching queue length before requests are rejected", 256)
+    queue_timeout_us: int = option("default_timeout_microseconds of a queued request (0 = none)", 5_000_000)
+    instances: int = option("instance_group count of the classifier", 1)
+    threads: int = option("engine intra-op threads per instance written to the config (0 = cores / instances)", 0)
+    explain: bool = option("also write the <model>_explain Grad-CAM++ model", True)
+    explain_max_batch_size: int = option("max_batch_size of the explain model", 8)
+    explain_queue_delay_us: int = option("dynamic batching delay of the explain model", 5000)
     # graph
-    opset: int = _h("ONNX opset", 18)
-    exporter: str = _h(f"torch.onnx exporter: {' | '.join(EXPORTERS)} (dynamo gives the cleaner graph)", "dynamo")
-    parity_tolerance: float = _h("fail if max |Δprobability| ONNX Runtime vs PyTorch exceeds this", 1e-4)
-    parity_images: int = _h("real images used for the parity check", 16)
+    opset: int = option("ONNX opset", 18)
+    exporter: str = option(f"torch.onnx exporter: {' | '.join(EXPORTERS)} (dynamo gives the cleaner graph)", "dynamo")
+    parity_tolerance: float = option("fail if max |Δprobability| ONNX Runtime vs PyTorch exceeds this", 1e-4)
+    parity_images: int = option("real images used for the parity check", 16)
     # engine / precision choice (cpu target)
-    engine: str = _h(f"CPU engine: {' | '.join(ENGINES)} (auto = fastest within the accuracy bound)", "auto")
-    precision: str = _h(f"CPU precision: {' | '.join(PRECISIONS)}", "auto")
-    measure: bool = _h("measure engines (speed + test-split accuracy); off: onnxruntime fp32 unless forced", True)
-    release_max_drop: float = _h("a reduced-precision variant is released only within this many accuracy points", 0.5)
-    int8: bool = _h("try static INT8 (ONNX Runtime QDQ) calibrated on real training images", True)
-    int8_max_drop: float = _h("INT8 is kept only if faster and within this many accuracy points", 1.0)
-    calibration_dir: Optional[Path] = _h("folder of calibration images (default: the checkpoint's non-test images)", None)
-    calibration_size: int = _h("calibration images for INT8", 96)
-    eval_limit: Optional[int] = _h("use at most this many test-split images for engine accuracy (None = all)", None)
-    speed_margin: float = _h("a variant counts as faster only if it beats the other by this fraction (noise guard)", 0.05)
-    bench_batch: int = _h("batch size of the in-process speed measurement", 8)
-    bench_seconds: float = _h("seconds per engine speed measurement", 3.0)
-    bench_threads: int = _h("threads for the in-process measurements (0 = all cores)", 0)
-    serving_models_dir: Path = _h("where serving keeps classifier.py / explainer.py",
+    engine: str = option(f"CPU engine: {' | '.join(ENGINES)} (auto = fastest within the accuracy bound)", "auto")
+    precision: str = option(f"CPU precision: {' | '.join(PRECISIONS)}", "auto")
+    measure: bool = option("measure engines (speed + test-split accuracy); off: onnxruntime fp32 unless forced", True)
+    release_max_drop: float = option("a reduced-precision variant is released only within this many accuracy points", 0.5)
+    int8: bool = option("try static INT8 (ONNX Runtime QDQ) calibrated on real training images", True)
+    int8_max_drop: float = option("INT8 is kept only if faster and within this many accuracy points", 1.0)
+    calibration_dir: Optional[Path] = option("folder of calibration images (default: the checkpoint's non-test images)", None)
+    calibration_size: int = option("calibration images for INT8", 96)
+    eval_limit: Optional[int] = option("use at most this many test-split images for engine accuracy (None = all)", None)
+    speed_margin: float = option("a variant counts as faster only if it beats the other by this fraction (noise guard)", 0.05)
+    bench_batch: int = option("batch size of the in-process speed measurement", 8)
+    bench_seconds: float = option("seconds per engine speed measurement", 3.0)
+    bench_threads: int = option("threads for the in-process measurements (0 = all cores)", 0)
+    serving_models_dir: Path = option("where serving keeps classifier.py / explainer.py",
                                   PROJECT_ROOT / "serving" / "triton_models")
-    progress: bool = _h("print a line per step", True)
+    progress: bool = option("print a line per step", True)
 
     def __post_init__(self) -> None:
         if isinstance(self.checkpoints, (str, Path)):

@@ -14,7 +14,6 @@ Layout (target ``cpu``)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from morphocam.atomic import atomic_write_text
+from morphocam.atomic import replace_dir
 from morphocam.contract import DATASET_CLASSES, EXPLAIN_SUFFIX, INPUT_NAME, InputContract, model_name_for
 
 from .errors import ExportError
@@ -301,15 +300,7 @@ def _cpu_name() -> str:
 
 def _commit(staged: Path, out: Path) -> None:
     """Rename one finished model folder into the repository, replacing an older one whole."""
-    target = out / staged.name
-    if target.exists():
-        old = out / f".{staged.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, target)
+    replace_dir(staged, out / staged.name)
 
 
 def write_repository(cfg: ExportConfig) -> list[ModelResult]:

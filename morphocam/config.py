@@ -18,6 +18,13 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def option(help_text: str, default: Any = None, **kw: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text; list/dict defaults get a fresh copy per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help_text}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help_text}, **kw)
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """Strip Optional[...]: returns (type, optional)."""
     origin = typing.get_origin(tp)

@@ -70,3 +70,21 @@ def triton_server(serving_repository):
 
     with TritonServer(serving_repository, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def client(triton_server):
+    """A stock tritonclient gRPC client on the session server."""
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def contract(serving_repository):
+    """The input contract of the served HuSHem classifier."""
+    from morphocam.contract import InputContract, model_name_for
+
+    return InputContract.load(serving_repository / model_name_for("hushem") / "1" / "contract.json")

@@ -324,7 +324,7 @@ def test_report_counts_exclude_non_sperm_and_errors():
     lo, hi = wilson_interval(6, 20)
     assert r["normal_forms_ci95_pct"] == [round(100 * lo, 2), round(100 * hi, 2)]
     assert r["who_reference"]["status"] == "at or above the WHO lower reference limit"
-    assert any(f"only 20 cells assessed" in f for f in r["flags"])
+    assert any("only 20 cells assessed" in f for f in r["flags"])
     assert any("2 frame(s) could not be classified" in f for f in r["flags"])
 
 

@@ -7,13 +7,11 @@ unknown model, target class above range) are not repeated here. Uses the session
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 
-from morphocam.contract import InputContract
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -21,18 +19,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from test_serving import EXPLAIN, MODEL, real_frames  # noqa: E402
 
 TIMEOUT = 30  # seconds per request: a hang fails the test instead of blocking it
-
-
-@pytest.fixture(scope="module")
-def contract(serving_repository) -> InputContract:
-    return InputContract.load(serving_repository / MODEL / "1" / "contract.json")
-
-
-@pytest.fixture(scope="module")
-def client(triton_server):
-    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

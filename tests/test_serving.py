@@ -7,7 +7,6 @@ repository in the export layout built from the HuSHem checkpoint (released if pr
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -40,18 +39,6 @@ def real_frames(contract: InputContract, n: int = 8) -> tuple[np.ndarray, list[s
     if not paths:
         pytest.skip("no HuSHem images available")
     return np.stack([load_frame(p, contract.height, contract.width) for p in paths]), [p.name for p in paths]
-
-
-@pytest.fixture(scope="module")
-def client(triton_server):
-    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def contract(serving_repository) -> InputContract:
-    return InputContract.load(serving_repository / MODEL / "1" / "contract.json")
 
 
 def infer(client, frames: np.ndarray, model: str = MODEL, dtype: str = "UINT8", outputs=None, extra=()):

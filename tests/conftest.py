@@ -37,9 +37,8 @@ def smids_dir() -> Path:
 
 # ---------------------------------------------------------------- serving (real Triton server)
 def serving_checkpoint_path() -> Path:
-    """The released HuSHem checkpoint when training has produced it, else the development one."""
-    released = REPO_ROOT / "results" / "training" / "hushem" / "model.safetensors"
-    return released if released.is_file() else REPO_ROOT / "runs" / "quick" / "model.safetensors"
+    """The released HuSHem checkpoint: the served-model tests use the real trained network."""
+    return REPO_ROOT / "results" / "training" / "hushem" / "model.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -48,15 +47,10 @@ def serving_repository(tmp_path_factory) -> Path:
     checkpoint = serving_checkpoint_path()
     if not checkpoint.is_file():
         pytest.skip(f"no checkpoint at {checkpoint} (run morphocam-train)")
-    out = tmp_path_factory.mktemp("model_repository")
-    try:
-        from export.config import ExportConfig
-        from export.repository import write_repository
-    except ImportError:  # export stage not available: the stand-in writes the same layout
-        from serving.devrepo import build_dev_repository
+    from export.config import ExportConfig
+    from export.repository import write_repository
 
-        samples = sorted((REPO_ROOT / "samples" / "hushem").glob("*.BMP"))
-        return build_dev_repository(checkpoint, out, samples[0] if samples else None)
+    out = tmp_path_factory.mktemp("model_repository")
     # Fast export: FP32 ONNX Runtime, no engine measurement or INT8 calibration.
     write_repository(ExportConfig(checkpoints=[checkpoint], output=out, measure=False, int8=False,
                                   parity_images=4, progress=False))

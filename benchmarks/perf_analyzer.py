@@ -25,9 +25,9 @@ def find(explicit: Path | None = None) -> Path | None:
 
 def library_dir() -> Path:
     """A folder of the two sonames perf_analyzer 2.50 wants, linked to nvidia-pytriton's copies."""
-    import nvidia_pytriton  # noqa: F401 - only to locate the wheel
+    from serving.launcher import TritonInstall
 
-    libs = Path(nvidia_pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+    libs = TritonInstall.find().libs
     out = Path(tempfile.gettempdir()) / "morphocam-perf-analyzer-libs"
     out.mkdir(exist_ok=True)
     for soname, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):

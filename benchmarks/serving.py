@@ -113,6 +113,21 @@ def _stats(client, model: str) -> tuple[int, int]:
     return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
 
+def wait_idle(url: str, model: str, timeout: float = 30.0) -> None:
+    """Let the queue drain (e.g. requests that timed out in an overload run) before the next run."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    last, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _stats(client, model)
+        if now == last:
+            break
+        last = now
+        time.sleep(1.0)
+    client.close()
+
+
 def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_request: int,
            seconds: float, transport: str = "grpc") -> dict:
     """Keep ``concurrency`` requests of ``per_request`` frames in flight for ``seconds``.
@@ -172,6 +187,7 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
         if again:
             submit()
 
+    wait_idle(url, model)
     before = _stats(client, model)
     t0 = time.perf_counter()
     deadline[0] = t0 + seconds

@@ -49,15 +49,10 @@ def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:
     import torch
 
     from training.checkpoint import load_checkpoint
-    from training.config import TrainConfig
-    from training.trainer import load_dataset, make_split, predict_probs
+    from training.trainer import checkpoint_split, predict_probs
 
     model, meta = load_checkpoint(checkpoint)
-    recipe = {k: v for k, v in meta["recipe"].items() if k in TrainConfig.__dataclass_fields__}
-    recipe.update(data_dir=Path(data_dir), progress=False)
-    cfg = TrainConfig(**recipe)
-    folder = load_dataset(cfg)
-    split = make_split(cfg, folder)
+    _, folder, split = checkpoint_split(meta, data_dir)
     out = {}
     logp = {}
     for part in ("val", "test"):

@@ -18,15 +18,10 @@ from morphocam.atomic import atomic_write_text
 
 def test_frames(checkpoint: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     from training.checkpoint import read_metadata
-    from training.config import TrainConfig
-    from training.trainer import load_dataset, make_split
+    from training.trainer import checkpoint_split
 
     meta = read_metadata(checkpoint)
-    recipe = {k: v for k, v in meta["recipe"].items() if k in TrainConfig.__dataclass_fields__}
-    recipe.update(data_dir=Path(data_dir), progress=False)
-    cfg = TrainConfig(**recipe)
-    folder = load_dataset(cfg)
-    split = make_split(cfg, folder)
+    _, folder, split = checkpoint_split(meta, data_dir)
     return folder.images[split.test], folder.labels[split.test], meta
 
 

@@ -257,20 +257,28 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
+def checkpoint_split(meta: dict, data_dir: Path, progress: bool = False) -> tuple[TrainConfig, ImageFolder, Split]:
+    """Re-derive the split a checkpoint was trained on from its recipe (same seed, fractions, fold).
+
+    Warns when the images on disk differ from those the checkpoint saw (data fingerprint).
+    """
+    recipe = {k: v for k, v in meta["recipe"].items() if k in TrainConfig.__dataclass_fields__}
+    recipe.update(data_dir=Path(data_dir), progress=progress)
+    cfg = TrainConfig(**recipe)
+    folder = load_dataset(cfg)
+    if folder.fingerprint() != meta.get("data_fingerprint"):
+        print("[warn] dataset fingerprint differs from the one the checkpoint was trained on; "
+              "its split may not hold the same images")
+    return cfg, folder, make_split(cfg, folder)
+
+
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, output_dir: Path | None = None,
                         split_name: str = "test", progress: bool = True) -> dict:
     """Re-derive the checkpoint's split from its recipe and score it; warns on a data mismatch."""
     from .checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
-    recipe = dict(meta["recipe"])
-    recipe.update(data_dir=Path(data_dir), progress=progress, output_dir=Path(output_dir or "."))
-    cfg = TrainConfig(**{k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__})
-    folder = load_dataset(cfg)
-    if folder.fingerprint() != meta.get("data_fingerprint"):
-        print(f"[warn] dataset fingerprint differs from the one the checkpoint was trained on; "
-              f"the '{split_name}' split may not be the same images")
-    split = make_split(cfg, folder)
+    cfg, folder, split = checkpoint_split(meta, data_dir, progress)
     idx = getattr(split, split_name)
     classes = tuple(meta["contract"]["classes"])
     probs = predict_probs(model, folder.images[idx], torch.device("cpu"))

@@ -41,6 +41,8 @@ class AccuracyConfig:
     datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
     configs: tuple[str, ...] = option("ablation rows to run", tuple(ABLATION))
     folds: int = option("k for the cross-validation of the full model (0 = none)", 5)
+    cv_datasets: tuple[str, ...] = option("datasets that also get the k-fold cross-validation (an SMIDS fold "
+                                          "costs as much as its whole single-split row)", ("hushem",))
     arch: str = option("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
     pretrained: str = option("backbone weights for the EfficientNet rows", "lite0")
     input_size: int = option("input side", 224)
@@ -56,7 +58,7 @@ def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -
     from training.config import TrainConfig
     from training.trainer import train
 
-    out = cfg.output_dir / dataset / name / ("single" if fold is None else f"fold{fold}")
+    out = run_dir(cfg, dataset, name, fold)
     done = out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -71,11 +73,32 @@ def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -
     return train(tcfg)
 
 
-def _row(result: dict) -> dict:
+RECIPE_KEYS = ("input_size", "frozen_epochs", "epochs", "lr", "batch_size", "mixup_alpha", "label_smoothing")
+
+
+def _recipe(run_dir: Path) -> dict:
+    """The training recipe a run folder was made with (its ``config.yaml``): rows reused from an
+    earlier invocation keep their own epochs and input size, whatever this invocation's flags say."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return {k: cfg[k] for k in RECIPE_KEYS if k in cfg}
+
+
+def _row(result: dict, run_dir: Path | None = None) -> dict:
     t = result["test"]
     return {"accuracy": t["accuracy"], "accuracy_ci95": t["accuracy_ci95"], "macro_f1": t["macro_f1"],
             "macro_auc_ovr": t["macro_auc_ovr"], "n_test": t["n"], "epochs_run": result["epochs_run"],
-            "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"]}
+            "train_seconds": result.get("train_seconds"),
+            "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"],
+            "recipe": _recipe(run_dir) if run_dir is not None else {}}
+
+
+def run_dir(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> Path:
+    return cfg.output_dir / dataset / name / ("single" if fold is None else f"fold{fold}")
 
 
 def summarise_folds(rows: list[dict]) -> dict:
@@ -98,14 +121,16 @@ def run(cfg: AccuracyConfig) -> dict:
     for dataset in cfg.datasets:
         for name in cfg.configs:
             result = run_config(cfg, dataset, name, None)
-            row = _row(result)
+            row = _row(result, run_dir(cfg, dataset, name, None))
             paper = PAPER_TABLE[name][dataset]
             row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
             summary["single_split"].setdefault(dataset, {})[name] = row
             print(f"{dataset:7s} {name:16s} acc {row['accuracy']:.4f} (paper {paper[0]:.4f})  "
-                  f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']}", flush=True)
-        if cfg.folds > 1:
-            rows = [_row(run_config(cfg, dataset, "full", f)) for f in range(cfg.folds)]
+                  f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']} "
+                  f"at {row['recipe'].get('input_size', '?')} px", flush=True)
+        if cfg.folds > 1 and dataset in cfg.cv_datasets:
+            rows = [_row(run_config(cfg, dataset, "full", f), run_dir(cfg, dataset, "full", f))
+                    for f in range(cfg.folds)]
             cv = summarise_folds(rows)
             summary["cross_validation"][dataset] = cv
             print(f"{dataset:7s} full {cfg.folds}-fold: acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "

@@ -156,7 +156,7 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     assert db.max_queue_delay_microseconds == 2000 and not db.preferred_batch_size
     assert db.default_queue_policy.max_queue_size == 256
     assert db.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
-    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"engine": "onnxruntime", "precision": "fp32", "model_file": "model.onnx", "threads": "0"}
     (w,) = cfg.model_warmup

@@ -5,7 +5,9 @@ LOGITS, PROBABILITIES), so this file only runs an in-process engine on the whole
 
 - ``engine`` parameter ``onnxruntime`` (graph optimisation ALL; the FP32 reference) or ``openvino``
   (``precision`` bf16 -> INFERENCE_PRECISION_HINT bf16, else f32; LATENCY hint);
-- ``threads`` parameter: intra-op threads, ``0`` = the CPU cores available divided by the instance count;
+- ``threads`` parameter: intra-op threads per instance, ``0`` = all CPU cores available to the server
+  (instances time-share the cores: on 2 cores, 2 instances x 2 threads served 398 img/s at 16 in
+  flight against 276 for 2 x 1 with OpenVINO bf16);
 - ``model_file`` parameter: the graph in the version folder (``model.onnx``, ``model_int8.onnx`` ...);
   when the exporter wrote a ``<model_file>.sha256`` sidecar, the file must match it or the model
   refuses to load (a tampered or truncated graph is never served).
@@ -62,8 +64,7 @@ class TritonPythonModel:
         self._verify_digest(model_file)
         threads = int(_param(config, "threads", "0"))
         if threads <= 0:
-            instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
-            threads = max(1, _cores() // instances)
+            threads = _cores()
         self.threads = threads
 
         if self.engine == "onnxruntime":

@@ -12,6 +12,7 @@ USAGE = """morphocam-bench COMMAND [options]
 
 commands:
   serving       in-process engines vs the real Triton server (throughput, latency, ratio)
+  sweep         the served classifier over engine x instances x threads x queue delay
   accuracy      the paper's ablation table on the seeded split, plus k-fold CV of the full model
   calibration   ECE before/after temperature scaling for a checkpoint
   explanations  Grad-CAM++ faithfulness (deletion test) and cost per explanation
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run(parse_config(ServingBenchConfig, rest, "Served vs in-process throughput and latency.",
                          prog="morphocam-bench serving"))
+    elif command == "sweep":
+        from .serving_sweep import SweepConfig, run
+
+        run(parse_config(SweepConfig, rest, "Serving configuration sweep.", prog="morphocam-bench sweep"))
     elif command == "accuracy":
         from .accuracy import AccuracyConfig, run
 

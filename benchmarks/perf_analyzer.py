@@ -39,14 +39,20 @@ def library_dir() -> Path:
 
 
 def run(binary: Path, url: str, model: str, concurrency: int, shape: tuple[int, ...],
-        batch: int = 1, seconds: float = 5.0) -> dict:
-    """One ``perf_analyzer`` measurement at a fixed concurrency; returns img/s and latency percentiles (ms)."""
+        batch: int = 1, seconds: float = 5.0, stability: int = 50) -> dict:
+    """One ``perf_analyzer`` measurement at a fixed concurrency; returns img/s and latency percentiles (ms).
+
+    ``stability``: perf_analyzer's --stability-percentage (how far three consecutive windows may differ
+    in throughput and p99). Its default of 10 fails on a 2-core box where client and server share the
+    cores ("Failed to obtain stable measurement within 10 measurement windows"); 50 passes.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         cmd = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--shape",
                "IMAGES:" + ",".join(map(str, shape)), "--measurement-interval", str(int(seconds * 1000)),
-               "--percentile", "99", "-f", str(report)]
+               "--percentile", "99", "--stability-percentage", str(stability), "--max-trials", "10",
+               "-f", str(report)]
         env = dict(os.environ, LD_LIBRARY_PATH=f"{library_dir()}:{os.environ.get('LD_LIBRARY_PATH', '')}")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds * 20 + 60)
         if proc.returncode != 0 or not report.is_file():
@@ -54,5 +60,6 @@ def run(binary: Path, url: str, model: str, concurrency: int, shape: tuple[int, 
         row = next(csv.DictReader(report.open()))
     us = lambda key: float(row[key]) / 1e3  # noqa: E731 - microseconds -> ms
     return {"tool": "perf_analyzer 2.50", "concurrency": concurrency, "frames_per_request": batch,
+            "stability_percentage": stability,
             "images_per_s": float(row["Inferences/Second"]), "p50_ms": us("p50 latency"),
             "p95_ms": us("p95 latency"), "p99_ms": us("p99 latency"), "command": " ".join(cmd[:-2])}

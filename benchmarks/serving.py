@@ -21,8 +21,10 @@ import numpy as np
 
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
-from morphocam.contract import INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
+from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
 from morphocam.preprocess import is_image_path, load_frame
+
+from .procfs import process_table, tree_cpu_seconds
 
 GFLOP_PER_IMAGE_224 = 0.77  # EfficientNet-B0 + CBAM at 224x224 (NOTES.md); scales with pixels
 
@@ -44,17 +46,55 @@ class ServingBenchConfig:
     shared_memory: bool = option("also send the frames through Triton's system shared memory", True)
     perf_analyzer: Optional[Path] = option("perf_analyzer binary for a comparison run "
                                            "(default: $MORPHOCAM_PERF_ANALYZER or PATH; skipped if absent)", None)
+    streaming: bool = option("also time the CASA streaming client (clients.streaming) end to end", True)
+    stream_frames: int = option("frames the streaming client sends", 3000)
+    # serve the released model under other settings (None = as in the repository's config.pbtxt)
+    engine: Optional[str] = option("override the classifier engine (onnxruntime | openvino)", None)
+    precision: Optional[str] = option("override the engine precision (fp32 | bf16)", None)
+    instances: Optional[int] = option("override the instance count", None)
+    threads: Optional[int] = option("override engine threads per instance", None)
+    queue_delay_us: Optional[int] = option("override the dynamic-batching queue delay (microseconds)", None)
+
+    def variant(self):
+        from .variants import ServingVariant
+
+        return ServingVariant(self.engine, self.precision, self.instances, self.threads, self.queue_delay_us)
 
 
-def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
+def _best_matmul_gflops(matmul, a, repeats: int) -> float:
+    matmul(a, a)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ a
+        matmul(a, a)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * a.shape[0] ** 3 / best / 1e9
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> dict:
+    """FP32 matrix-multiply peak of this machine with numpy (OpenBLAS) and torch (oneDNN/MKL).
+
+    Both are measured because numpy's bundled OpenBLAS picks its kernels from the CPU model and can
+    fall back to generic ones on CPUs it does not know (seen here: a new Xeon detected as
+    "Prescott", 4x below torch); ``peak`` is the higher of the two.
+    """
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out = {"numpy": _best_matmul_gflops(np.matmul, a, repeats)}
+    try:
+        from threadpoolctl import threadpool_info
+
+        out["numpy_openblas_kernels"] = next((i.get("architecture") for i in threadpool_info()
+                                              if i.get("internal_api") == "openblas"), None)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+    try:
+        import torch
+
+        out["torch"] = _best_matmul_gflops(torch.matmul, torch.from_numpy(a), repeats)
+    except ImportError:  # pragma: no cover - torch is a project dependency
+        pass
+    out["peak"] = max(v for k, v in out.items() if k in ("numpy", "torch"))
+    return out
 
 
 def load_images(folder: Path, contract: InputContract, count: int = 64) -> np.ndarray:
@@ -129,11 +169,13 @@ def wait_idle(url: str, model: str, timeout: float = 30.0) -> None:
 
 
 def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_request: int,
-           seconds: float, transport: str = "grpc") -> dict:
+           seconds: float, transport: str = "grpc", server_pids=()) -> dict:
     """Keep ``concurrency`` requests of ``per_request`` frames in flight for ``seconds``.
 
     ``transport="shm"`` puts the frames in a system shared-memory region registered with the server,
     so a request carries only an offset (what a CASA box on the same host would do).
+    The CPU time this client process used, and that of ``server_pids`` (the server and its stubs),
+    are reported as shares of the machine: client and server share the same cores here.
     """
     import tritonclient.grpc as grpcclient
 
@@ -189,12 +231,16 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
 
     wait_idle(url, model)
     before = _stats(client, model)
+    cpu0, server_cpu0 = time.process_time(), tree_cpu_seconds(server_pids)
     t0 = time.perf_counter()
     deadline[0] = t0 + seconds
     for _ in range(concurrency):
         submit()
     done.wait(seconds + 60)
     elapsed = time.perf_counter() - t0
+    cores = os.cpu_count() or 1
+    client_share = (time.process_time() - cpu0) / elapsed / cores
+    server_share = (tree_cpu_seconds(server_pids) - server_cpu0) / elapsed / cores if server_pids else None
     after = _stats(client, model)
     if region is not None:
         client.unregister_system_shared_memory(name)
@@ -209,7 +255,9 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-            "avg_server_batch": inf / exe if exe else None}
+            "avg_server_batch": inf / exe if exe else None,
+            "requests_over_400ms": int((ms > 400).sum()),
+            "client_cpu_share": client_share, "server_cpu_share": server_share}
 
 
 def explain_latency(url: str, model: str, frames: np.ndarray, batches=(1, 8), repeats: int = 5) -> dict:
@@ -232,63 +280,152 @@ def explain_latency(url: str, model: str, frames: np.ndarray, batches=(1, 8), re
     return out
 
 
+def streaming_client(url: str, model: str, frames: np.ndarray, count: int, batch_size: int = 8,
+                     in_flight: int = 4) -> dict:
+    """The CASA client (:mod:`clients.streaming`) classifying ``count`` decoded frames end to end:
+    its batcher, in-flight window, ordered delivery and one record per frame included."""
+    from clients.streaming import StreamingClassifier, ClientOptions
+    from clients.sources import iterator_frames
+
+    opts = ClientOptions(urls=(url,), model=model, batch_size=batch_size, max_in_flight=in_flight, workers=1)
+    items = ((f"frame{i}", frames[i % len(frames)]) for i in range(count))
+    classifier = StreamingClassifier(opts)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    records = list(classifier.run(iterator_frames(items)))
+    elapsed = time.perf_counter() - t0
+    stats = classifier.stats.summary()
+    return {"transport": "streaming client", "frames_per_request": batch_size, "concurrency": in_flight,
+            "frames": count, "records": len(records), "errors": sum(r.get("status") == "error" for r in records),
+            "images_per_s": len(records) / elapsed, "p50_ms": stats.get("latency_ms_p50"), "p99_ms": stats.get("latency_ms_p99"),
+            "client_cpu_share": (time.process_time() - cpu0) / elapsed / (os.cpu_count() or 1)}
+
+
+def ceiling(inprocess_rows: dict, precision: str | None) -> tuple[float, str]:
+    """(img/s, "file:engine@batch") of the fastest in-process engine at the served ``precision``.
+
+    The served model is compared with engines computing the same numbers: a bf16 engine is faster
+    but is not the released FP32 model (the exporter keeps it out when it costs accuracy).
+    ``precision=None``: the fastest engine of any precision.
+    """
+    rows = [(v, f"{f}:{e}@{b}") for f, engines in inprocess_rows.items() for e, per_b in engines.items()
+            for b, v in per_b.items() if precision is None or e.endswith(f"_{precision}")]
+    if not rows:
+        raise ValueError(f"no in-process measurement at precision {precision!r}: {list(inprocess_rows)}")
+    return max(rows)
+
+
+def _add_ratios(row: dict, ceiling: float) -> dict:
+    row["ratio_to_ceiling"] = row["images_per_s"] / ceiling
+    # What the server made of the CPU the client left it: the same ratio against the ceiling scaled
+    # to the share of the machine the client did not use.
+    left = 1.0 - (row.get("client_cpu_share") or 0.0)
+    row["ratio_to_ceiling_cpu_left"] = row["images_per_s"] / (ceiling * left) if left > 0 else None
+    return row
+
+
+def _fmt(row: dict) -> str:
+    batch = row.get("avg_server_batch")
+    return (f"{row['images_per_s']:7.1f} img/s p50 {row['p50_ms'] or 0:.1f} p99 {row['p99_ms'] or 0:.1f} ms"
+            + (f", server batch {batch:.1f}" if batch else "")
+            + f", ratio {row['ratio_to_ceiling']:.2f} ({row['ratio_to_ceiling_cpu_left']:.2f} of the CPU the client "
+            f"left, client {100 * row['client_cpu_share']:.0f}% of the machine), errors {row['errors']}")
+
+
 def run(cfg: ServingBenchConfig) -> dict:
     from serving.launcher import TritonServer
+
+    from .variants import describe, write_variant
 
     version_dir = cfg.model_repository / cfg.model / "1"
     contract = InputContract.load(version_dir / "contract.json")
     frames = load_images(cfg.images, contract)
     gflop = GFLOP_PER_IMAGE_224 * contract.height * contract.width / 224 ** 2
     peak = matmul_peak_gflops()
-    print(f"[machine] {os.cpu_count()} cores, FP32 matmul peak {peak:.0f} GFLOP/s "
-          f"-> compute bound {peak / gflop:.0f} img/s at {gflop:.2f} GFLOP/image", flush=True)
-    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "matmul_peak_gflops": peak,
-                    "gflop_per_image": gflop, "input": [contract.height, contract.width]}
+    print(f"[machine] {os.cpu_count()} cores, FP32 matmul peak {peak['peak']:.0f} GFLOP/s (numpy {peak['numpy']:.0f}"
+          f" with OpenBLAS {peak.get('numpy_openblas_kernels')} kernels, torch {peak.get('torch', 0):.0f}) "
+          f"-> compute bound {peak['peak'] / gflop:.0f} img/s at {gflop:.2f} GFLOP/image", flush=True)
+    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": _cpu_name(), "matmul": peak,
+                    "matmul_peak_gflops": peak["peak"], "gflop_per_image": gflop,
+                    "input": [contract.height, contract.width]}
     onnx_files = {p.name: p for p in version_dir.glob("*.onnx")}
     result["inprocess"] = {name: inprocess(p, frames, cfg.batches, cfg.inprocess_seconds)
                            for name, p in sorted(onnx_files.items())}
-    best = max((v, f"{f}:{e}@{b}") for f, engines in result["inprocess"].items()
-               for e, per_b in engines.items() for b, v in per_b.items())
+    variant = cfg.variant()
+    repository = cfg.model_repository
+    scratch = None
+    served_precision = variant.precision or describe(cfg.model_repository / cfg.model / "config.pbtxt")["precision"]
+    best = ceiling(result["inprocess"], served_precision)
     result["ceiling_images_per_s"], result["ceiling"] = best
-    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak
-    with TritonServer(cfg.model_repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
-        result["server_startup_s"] = srv.startup_seconds
-        rows = []
-        for per_request in cfg.request_batches:
-            for c in cfg.concurrency:
-                row = served(srv.grpc_url, cfg.model, frames, c, per_request, cfg.seconds)
-                row["ratio_to_ceiling"] = row["images_per_s"] / best[0]
-                rows.append(row)
-                print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {row['images_per_s']:7.1f} img/s "
-                      f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms, server batch {row['avg_server_batch']:.1f}, "
-                      f"ratio {row['ratio_to_ceiling']:.2f}, errors {row['errors']}", flush=True)
-        if cfg.shared_memory:
-            for c in (4, 16):
-                row = served(srv.grpc_url, cfg.model, frames, c, 1, cfg.seconds, transport="shm")
-                row["ratio_to_ceiling"] = row["images_per_s"] / best[0]
-                rows.append(row)
-                print(f"[served] shared memory, 1 frame/request, {c:3d} in flight: {row['images_per_s']:7.1f} img/s "
-                      f"p99 {row['p99_ms']:.1f} ms, ratio {row['ratio_to_ceiling']:.2f}", flush=True)
-        result["served"] = rows
-        from . import perf_analyzer
+    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak["peak"]
+    result["fastest_inprocess_any_precision"] = ceiling(result["inprocess"], None)
+    if not variant.is_default():
+        import tempfile
 
-        binary = perf_analyzer.find(cfg.perf_analyzer)
-        if binary is not None:
-            pa = perf_analyzer.run(binary, srv.grpc_url, cfg.model, 16, (contract.height, contract.width, 3),
-                                   seconds=cfg.seconds)
-            pa["ratio_to_ceiling"] = pa["images_per_s"] / best[0]
-            result["perf_analyzer"] = pa
-            print(f"[perf_analyzer] 1 frame/request, 16 in flight: {pa['images_per_s']:7.1f} img/s "
-                  f"p50 {pa['p50_ms']:.1f} p99 {pa['p99_ms']:.1f} ms", flush=True)
-        else:
-            result["perf_analyzer"] = "not found (see README: perf_analyzer from the tritonclient 2.50.0 wheel)"
-        explain_model = f"{cfg.model}_explain"
-        if cfg.explain and (cfg.model_repository / explain_model).is_dir():
-            result["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
+        scratch = Path(tempfile.mkdtemp(prefix="morphocam-variant-"))
+        repository = write_variant(cfg.model_repository, cfg.model, variant, scratch / "repo")
+    result["served_config"] = {**describe(repository / cfg.model / "config.pbtxt"),
+                               "variant_of_released": None if variant.is_default() else variant.label()}
+    print(f"[served] config {result['served_config']}", flush=True)
+    try:
+        with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
+            result["server_startup_s"] = srv.startup_seconds
+            pids = list(process_table(srv.process).values())
+            rows = []
+            for per_request in cfg.request_batches:
+                for c in cfg.concurrency:
+                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, per_request, cfg.seconds,
+                                             server_pids=pids), best[0])
+                    rows.append(row)
+                    print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {_fmt(row)}", flush=True)
+            if cfg.shared_memory:
+                for c in (4, 16):
+                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, 1, cfg.seconds, transport="shm",
+                                             server_pids=pids), best[0])
+                    rows.append(row)
+                    print(f"[served] shared memory, 1 frame/request, {c:3d} in flight: {_fmt(row)}", flush=True)
+            result["served"] = rows
+            if cfg.streaming:
+                row = _add_ratios(streaming_client(srv.grpc_url, cfg.model, frames, cfg.stream_frames), best[0])
+                result["streaming_client"] = row
+                print(f"[streaming client] {row['records']} records for {row['frames']} frames: {_fmt(row)}",
+                      flush=True)
+            from . import perf_analyzer
+
+            binary = perf_analyzer.find(cfg.perf_analyzer)
+            if binary is not None:
+                pa = perf_analyzer.run(binary, srv.grpc_url, cfg.model, 16, (contract.height, contract.width, 3),
+                                       seconds=cfg.seconds)
+                pa["ratio_to_ceiling"] = pa["images_per_s"] / best[0]
+                result["perf_analyzer"] = pa
+                print(f"[perf_analyzer] 1 frame/request, 16 in flight: {pa['images_per_s']:7.1f} img/s "
+                      f"p50 {pa['p50_ms']:.1f} p99 {pa['p99_ms']:.1f} ms, ratio {pa['ratio_to_ceiling']:.2f}",
+                      flush=True)
+            else:
+                result["perf_analyzer"] = "not found (see README: perf_analyzer from the tritonclient 2.50.0 wheel)"
+            explain_model = f"{cfg.model}{EXPLAIN_SUFFIX}"
+            if cfg.explain and (repository / explain_model).is_dir():
+                result["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.output_dir / "serving.json", json.dumps(result, indent=2) + "\n")
     plot(result, cfg.output_dir / "serving.png")
     return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def plot(result: dict, path: Path) -> None:

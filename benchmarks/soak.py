@@ -25,6 +25,7 @@ import numpy as np
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, InputContract
+from .procfs import process_table, rss_mib
 
 
 @dataclass
@@ -43,32 +44,6 @@ class SoakConfig:
     rss_growth_bound_mb: float = option("allowed RSS growth per process over the mixed phase, after the "
                                           "baseline warmed every batch shape (MiB)", 200.0)
     seed: int = option("traffic seed", 0)
-
-
-def rss_mib(pid: int) -> float | None:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def process_table(server) -> dict[str, int]:
-    """{"tritonserver": pid, "<stub name>": pid, ...} for the server and its backend stubs."""
-    from serving.launcher import _children
-
-    table = {"tritonserver": server.pid}
-    for child in _children(server.pid):
-        try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub"):
-            model = Path(cmd[1].decode()).parent.parent.name if len(cmd) > 1 else str(child)
-            table[f"stub:{model}:{child}"] = child
-    return table
 
 
 def _pct(values, q):

@@ -64,14 +64,37 @@ def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
 
     cfg = ServingBenchConfig(model_repository=serving_repository, images=repo_root / "samples" / "hushem",
                              output_dir=tmp_path, batches=(1,), concurrency=(2,), request_batches=(1, 4),
-                             seconds=0.5, inprocess_seconds=0.2, explain=False, shared_memory=True)
+                             seconds=0.5, inprocess_seconds=0.2, explain=False, shared_memory=True,
+                             stream_frames=40, instances=1, queue_delay_us=500)
     result = run(cfg)
     assert result["ceiling_images_per_s"] > 0 and 0 < result["ceiling_fraction_of_peak"] < 1
+    assert result["matmul"]["peak"] == max(result["matmul"]["numpy"], result["matmul"]["torch"])
+    # the override was served, not the repository's own config
+    served_cfg = result["served_config"]
+    assert served_cfg["instances"] == 1 and served_cfg["queue_delay_us"] == 500
+    assert served_cfg["variant_of_released"]
     transports = {(r["transport"], r["frames_per_request"]) for r in result["served"]}
     assert {("grpc", 1), ("grpc", 4), ("shm", 1)} <= transports
     for row in result["served"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["avg_server_batch"] >= 1
+        assert 0 < row["server_cpu_share"] and 0 < row["client_cpu_share"]
+        assert row["ratio_to_ceiling_cpu_left"] >= row["ratio_to_ceiling"]
+    stream = result["streaming_client"]
+    assert stream["records"] == stream["frames"] == 40 and stream["errors"] == 0
     assert (tmp_path / "serving.json").is_file() and (tmp_path / "serving.png").is_file()
+
+
+def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
+    from benchmarks.serving_sweep import SweepConfig, run
+
+    cfg = SweepConfig(model_repository=serving_repository, model="morphocam_hushem",
+                      images=repo_root / "samples" / "hushem", output_dir=tmp_path, engines=("onnxruntime:fp32",),
+                      layouts=("2x1",), delays_us=(1000,), concurrency=(2,), seconds=0.5, inprocess_seconds=0.2)
+    result = run(cfg)
+    (point,) = result["points"]
+    assert (point["instances"], point["threads"], point["queue_delay_us"]) == (2, 1, 1000)
+    assert point["errors"] == 0 and point["requests"] > 0 and point["requests_over_400ms"] >= 0
+    assert (tmp_path / "sweep.json").is_file() and (tmp_path / "sweep.png").is_file()
 
 
 def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tmp_path):

@@ -108,3 +108,26 @@ def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tm
     cal = calibration.run(ckpt, hushem_dir, tmp_path)
     assert cal["n_test"] == 33 and cal["temperature"] > 0
     assert (tmp_path / "calibration_hushem.png").is_file()
+
+
+def test_serving_variant_overrides_only_the_copy(serving_repository, tmp_path):
+    from export import pbtxt
+    from benchmarks.variants import ServingVariant, describe, write_variant
+
+    released = (serving_repository / "morphocam_hushem" / "config.pbtxt").read_text()
+    variant = ServingVariant(engine="openvino", precision="fp32", instances=3, threads=1, queue_delay_us=750,
+                             preferred_batch_sizes=(4, 8))
+    repo = write_variant(serving_repository, "morphocam_hushem", variant, tmp_path / "repo")
+    got = describe(repo / "morphocam_hushem" / "config.pbtxt")
+    assert (got["engine"], got["precision"], got["instances"], got["threads"], got["queue_delay_us"],
+            got["preferred_batch_sizes"]) == ("openvino", "fp32", 3, 1, 750, [4, 8])
+    # everything else is the released model: same graph, same digest sidecar, same I/O
+    for name in ("model.onnx", "model.onnx.sha256", "contract.json"):
+        assert (repo / "morphocam_hushem" / "1" / name).read_bytes() == \
+            (serving_repository / "morphocam_hushem" / "1" / name).read_bytes()
+    assert pbtxt.parse(repo / "morphocam_hushem" / "config.pbtxt").input == pbtxt.parse(released).input
+    assert (repo / "morphocam_hushem_explain").resolve() == (serving_repository / "morphocam_hushem_explain").resolve()
+    assert (serving_repository / "morphocam_hushem" / "config.pbtxt").read_text() == released
+    assert describe(serving_repository / "morphocam_hushem" / "config.pbtxt")["instances"] == 2
+    assert variant.label() == "openvino/fp32, 3x1, delay 750 us, preferred [4, 8]"
+    assert ServingVariant().is_default() and ServingVariant().label() == "as released"

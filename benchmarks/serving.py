@@ -24,6 +24,8 @@ from morphocam.config import option
 from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
 from morphocam.preprocess import is_image_path, load_frame
 
+from export.engines import cpu_name, openvino_bf16_supported
+
 from .procfs import process_table, tree_cpu_seconds
 
 GFLOP_PER_IMAGE_224 = 0.77  # EfficientNet-B0 + CBAM at 224x224 (NOTES.md); scales with pixels
@@ -127,9 +129,9 @@ def inprocess(onnx_path: Path, frames: np.ndarray, batches, seconds: float) -> d
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     core = ov.Core()
     engines = {"onnxruntime_fp32": lambda b: sess.run(None, {INPUT_NAME: b})}
-    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    bf16 = openvino_bf16_supported()
     for prec, hint in (("openvino_fp32", "f32"), ("openvino_bf16", "bf16")):
-        if hint == "bf16" and "BF16" not in capabilities:
+        if hint == "bf16" and not bf16:
             print("[inprocess] openvino_bf16 skipped: this CPU has no native BF16 (it would silently run f32)")
             continue
         try:
@@ -344,7 +346,7 @@ def run(cfg: ServingBenchConfig) -> dict:
     print(f"[machine] {os.cpu_count()} cores, FP32 matmul peak {peak['peak']:.0f} GFLOP/s (numpy {peak['numpy']:.0f}"
           f" with OpenBLAS {peak.get('numpy_openblas_kernels')} kernels, torch {peak.get('torch', 0):.0f}) "
           f"-> compute bound {peak['peak'] / gflop:.0f} img/s at {gflop:.2f} GFLOP/image", flush=True)
-    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": _cpu_name(), "matmul": peak,
+    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": cpu_name(), "matmul": peak,
                     "matmul_peak_gflops": peak["peak"], "gflop_per_image": gflop,
                     "input": [contract.height, contract.width]}
     onnx_files = {p.name: p for p in version_dir.glob("*.onnx")}
@@ -353,11 +355,6 @@ def run(cfg: ServingBenchConfig) -> dict:
     variant = cfg.variant()
     repository = cfg.model_repository
     scratch = None
-    served_precision = variant.precision or describe(cfg.model_repository / cfg.model / "config.pbtxt")["precision"]
-    best = ceiling(result["inprocess"], served_precision)
-    result["ceiling_images_per_s"], result["ceiling"] = best
-    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak["peak"]
-    result["fastest_inprocess_any_precision"] = ceiling(result["inprocess"], None)
     if not variant.is_default():
         import tempfile
 
@@ -366,6 +363,10 @@ def run(cfg: ServingBenchConfig) -> dict:
     result["served_config"] = {**describe(repository / cfg.model / "config.pbtxt"),
                                "variant_of_released": None if variant.is_default() else variant.label()}
     print(f"[served] config {result['served_config']}", flush=True)
+    best = ceiling(result["inprocess"], result["served_config"]["precision"])
+    result["ceiling_images_per_s"], result["ceiling"] = best
+    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak["peak"]
+    result["fastest_inprocess_any_precision"] = ceiling(result["inprocess"], None)
     try:
         with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
             result["server_startup_s"] = srv.startup_seconds
@@ -414,18 +415,6 @@ def run(cfg: ServingBenchConfig) -> dict:
     atomic_write_text(cfg.output_dir / "serving.json", json.dumps(result, indent=2) + "\n")
     plot(result, cfg.output_dir / "serving.png")
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def plot(result: dict, path: Path) -> None:

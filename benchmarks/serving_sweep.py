@@ -22,10 +22,11 @@ from pathlib import Path
 
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from export.engines import cpu_name, openvino_bf16_supported
 from morphocam.contract import InputContract
 
 from .procfs import process_table
-from .serving import _add_ratios, _cpu_name, ceiling, inprocess, load_images, served
+from .serving import _add_ratios, ceiling, inprocess, load_images, served
 from .variants import ServingVariant, write_variant
 
 
@@ -45,8 +46,6 @@ class SweepConfig:
 
 
 def _points(cfg: SweepConfig) -> list[ServingVariant]:
-    from export.engines import openvino_bf16_supported
-
     points = []
     for pair in cfg.engines:
         engine, _, precision = pair.partition(":")
@@ -68,7 +67,7 @@ def run(cfg: SweepConfig) -> dict:
     rows = {"model.onnx": inprocess(version_dir / "model.onnx", frames, (8,), cfg.inprocess_seconds)}
     ceilings = {prec: ceiling(rows, prec) for prec in ("fp32", "bf16")
                 if any(e.endswith(prec) for e in rows["model.onnx"])}
-    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": _cpu_name(), "frames_per_request":
+    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": cpu_name(), "frames_per_request":
                     cfg.frames_per_request, "inprocess_batch8": rows["model.onnx"],
                     "ceilings": {p: {"images_per_s": v, "engine": n} for p, (v, n) in ceilings.items()},
                     "points": []}

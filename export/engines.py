@@ -46,6 +46,19 @@ class OrtRunner:
         return logits, probs
 
 
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo) recorded beside every speed measurement."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def openvino_bf16_supported() -> bool:
     try:
         import openvino as ov

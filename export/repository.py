@@ -209,7 +209,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
             chosen = res.pop("chosen")
             engine, precision, model_file = chosen.engine, chosen.precision, chosen.model_file
             card_engines = {**res, "threads": E.cpu_threads(cfg.bench_threads), "batch": cfg.bench_batch,
-                            "images": eval_what, "cpu": _cpu_name(),
+                            "images": eval_what, "cpu": E.cpu_name(),
                             "released": {"engine": engine, "precision": precision, "model_file": model_file}}
             log(cfg, f"  released variant: {engine} {precision} ({model_file})")
         else:
@@ -286,16 +286,6 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
         result.folders.append(exp_dir)
     log(cfg, f"  {name}: done in {time.time() - t0:.1f}s")
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _commit(staged: Path, out: Path) -> None:

@@ -55,8 +55,8 @@ class AccuracyConfig:
 
 
 def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> dict:
-    from training.config import TrainConfig
-    from training.trainer import train
+    from morphocam.training.config import TrainConfig
+    from morphocam.training.trainer import train
 
     out = run_dir(cfg, dataset, name, fold)
     done = out / "metrics.json"

@@ -48,8 +48,8 @@ def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
 def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:
     import torch
 
-    from training.checkpoint import load_checkpoint
-    from training.trainer import checkpoint_split, predict_probs
+    from morphocam.training.checkpoint import load_checkpoint
+    from morphocam.training.trainer import checkpoint_split, predict_probs
 
     model, meta = load_checkpoint(checkpoint)
     _, folder, split = checkpoint_split(meta, data_dir)

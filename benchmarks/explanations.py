@@ -17,8 +17,8 @@ from morphocam.atomic import atomic_write_text
 
 
 def test_frames(checkpoint: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    from training.checkpoint import read_metadata
-    from training.trainer import checkpoint_split
+    from morphocam.training.checkpoint import read_metadata
+    from morphocam.training.trainer import checkpoint_split
 
     meta = read_metadata(checkpoint)
     _, folder, split = checkpoint_split(meta, data_dir)
@@ -26,8 +26,8 @@ def test_frames(checkpoint: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarra
 
 
 def run(checkpoints: list[Path], data_dir: Path, output_dir: Path, frac: float = 0.2, limit: int | None = None) -> dict:
-    from serving.explain import Explainer
-    from serving.faithfulness import evaluate
+    from morphocam.serving.explain import Explainer
+    from morphocam.serving.faithfulness import evaluate
 
     rows = {}
     for ckpt in checkpoints:

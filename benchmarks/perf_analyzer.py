@@ -25,7 +25,7 @@ def find(explicit: Path | None = None) -> Path | None:
 
 def library_dir() -> Path:
     """A folder of the two sonames perf_analyzer 2.50 wants, linked to nvidia-pytriton's copies."""
-    from serving.launcher import TritonInstall
+    from morphocam.serving.launcher import TritonInstall
 
     libs = TritonInstall.find().libs
     out = Path(tempfile.gettempdir()) / "morphocam-perf-analyzer-libs"

@@ -34,7 +34,7 @@ def cpu_seconds(pid: int) -> float:
 
 def process_table(server) -> dict[str, int]:
     """{"tritonserver": pid, "stub:<model>:<pid>": pid, ...} for the server and its backend stubs."""
-    from serving.launcher import _children
+    from morphocam.serving.launcher import _children
 
     table = {"tritonserver": server.pid}
     for child in _children(server.pid):

@@ -24,7 +24,7 @@ from morphocam.config import option
 from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, OUTPUT_PROBABILITIES, InputContract
 from morphocam.preprocess import is_image_path, load_frame
 
-from export.engines import cpu_name, openvino_bf16_supported
+from morphocam.export.engines import cpu_name, openvino_bf16_supported
 
 from .procfs import process_table, tree_cpu_seconds
 
@@ -284,10 +284,10 @@ def explain_latency(url: str, model: str, frames: np.ndarray, batches=(1, 8), re
 
 def streaming_client(url: str, model: str, frames: np.ndarray, count: int, batch_size: int = 8,
                      in_flight: int = 4) -> dict:
-    """The CASA client (:mod:`clients.streaming`) classifying ``count`` decoded frames end to end:
+    """The CASA client (:mod:`morphocam.clients.streaming`) classifying ``count`` decoded frames end to end:
     its batcher, in-flight window, ordered delivery and one record per frame included."""
-    from clients.streaming import StreamingClassifier, ClientOptions
-    from clients.sources import iterator_frames
+    from morphocam.clients.streaming import StreamingClassifier, ClientOptions
+    from morphocam.clients.sources import iterator_frames
 
     opts = ClientOptions(urls=(url,), model=model, batch_size=batch_size, max_in_flight=in_flight, workers=1)
     items = ((f"frame{i}", frames[i % len(frames)]) for i in range(count))
@@ -334,7 +334,7 @@ def _fmt(row: dict) -> str:
 
 
 def run(cfg: ServingBenchConfig) -> dict:
-    from serving.launcher import TritonServer
+    from morphocam.serving.launcher import TritonServer
 
     from .variants import describe, write_variant
 

@@ -2,7 +2,7 @@
 
     morphocam-bench sweep --model morphocam_smids --images samples/smids
 
-Each point serves a variant of the released model (:mod:`benchmarks.variants`) on the real server,
+Each point serves a variant of the released model (:mod:`morphocam.benchmarks.variants`) on the real server,
 keeps 1-frame requests in flight at each concurrency with the stock tritonclient, and records
 images/s, p50/p99, the server-side batch size, requests slower than 400 ms (Triton 2.51's
 dynamic-batcher stall shows up there as ~500 ms), and the CPU used by the server and by the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
-from export.engines import cpu_name, openvino_bf16_supported
+from morphocam.export.engines import cpu_name, openvino_bf16_supported
 from morphocam.contract import InputContract
 
 from .procfs import process_table
@@ -60,7 +60,7 @@ def _points(cfg: SweepConfig) -> list[ServingVariant]:
 
 
 def run(cfg: SweepConfig) -> dict:
-    from serving.launcher import TritonServer
+    from morphocam.serving.launcher import TritonServer
 
     version_dir = cfg.model_repository / cfg.model / "1"
     frames = load_images(cfg.images, InputContract.load(version_dir / "contract.json"))

@@ -110,8 +110,8 @@ def _summary(records, seconds: float) -> dict:
 
 
 def run(cfg: SoakConfig) -> dict:
-    from benchmarks.serving import load_images
-    from serving.launcher import TritonServer
+    from morphocam.benchmarks.serving import load_images
+    from morphocam.serving.launcher import TritonServer
 
     repo = Path(cfg.model_repository)
     contract = InputContract.load(repo / cfg.model / "1" / "contract.json")

@@ -39,7 +39,7 @@ class ServingVariant:
 
 def describe(config_path: Path) -> dict:
     """The scheduling/engine facts of a classifier ``config.pbtxt`` (what a variant can change)."""
-    from export import pbtxt
+    from morphocam.export import pbtxt
 
     cfg = pbtxt.parse(Path(config_path))
     params = {k: v.string_value for k, v in cfg.parameters.items()}
@@ -53,7 +53,7 @@ def describe(config_path: Path) -> dict:
 
 def write_variant(repository: Path, model: str, variant: ServingVariant, scratch: Path) -> Path:
     """A repository under ``scratch`` serving ``model`` (and its explain model) with ``variant`` applied."""
-    from export import pbtxt
+    from morphocam.export import pbtxt
 
     repository, scratch = Path(repository).resolve(), Path(scratch)
     if scratch.exists():

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clients.results_io import FORMATS, ResultWriter
-from clients.sources import count_inputs, expand_inputs
-from clients.streaming import ClientOptions, ServerUnavailable, StreamingClassifier
+from morphocam.clients.results_io import FORMATS, ResultWriter
+from morphocam.clients.sources import count_inputs, expand_inputs
+from morphocam.clients.streaming import ClientOptions, ServerUnavailable, StreamingClassifier
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,15 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     # Only the demo starts servers; the clients themselves never import serving.
-    from serving.launcher import ServerStartError, TritonServer
+    from morphocam.serving.launcher import ServerStartError, TritonServer
     from tqdm import tqdm
 
-    from clients.classify_cli import format_summary
-    from clients.explain_cli import explain_frames, select_from_results
-    from clients.report import build_report, format_text, write_report
-    from clients.results_io import ResultWriter
-    from clients.sources import count_inputs, expand_inputs
-    from clients.streaming import ClientOptions, StreamingClassifier
+    from morphocam.clients.classify_cli import format_summary
+    from morphocam.clients.explain_cli import explain_frames, select_from_results
+    from morphocam.clients.report import build_report, format_text, write_report
+    from morphocam.clients.results_io import ResultWriter
+    from morphocam.clients.sources import count_inputs, expand_inputs
+    from morphocam.clients.streaming import ClientOptions, StreamingClassifier
 
     out = args.output_dir
     print(f"demo: starting tritonserver on {repo} ...", file=sys.stderr)

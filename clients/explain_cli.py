@@ -26,9 +26,9 @@ from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SU
                                 OUTPUT_PROBABILITIES)
 from morphocam.preprocess import ImageDecodeError, load_frame
 
-from clients.results_io import read_records
-from clients.sources import reload_frame
-from clients.streaming import ServerPool, discover_model, is_transient, make_grpc_client, status_of
+from morphocam.clients.results_io import read_records
+from morphocam.clients.sources import reload_frame
+from morphocam.clients.streaming import ServerPool, discover_model, is_transient, make_grpc_client, status_of
 
 TARGET_USED = "TARGET_CLASS_USED"
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clients.report import build_report, format_text, write_report
-from clients.results_io import read_records
+from morphocam.clients.report import build_report, format_text, write_report
+from morphocam.clients.results_io import read_records
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,7 +107,7 @@ class ResultWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
-            from clients.sources import resume_key
+            from morphocam.clients.sources import resume_key
 
             records, good_end = _read(self.path, fmt)
             self.previous = records

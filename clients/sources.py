@@ -171,7 +171,7 @@ def npy_stream_frames(stream: BinaryIO, name: str = "stdin", clock=time.time) ->
 
 
 def iterator_frames(arrays: Iterable, name: str = "stream", clock=time.time) -> Iterator[Frame]:
-    """Wrap a Python iterator for :func:`clients.streaming.classify_frames`.
+    """Wrap a Python iterator for :func:`morphocam.clients.streaming.classify_frames`.
 
     Items may be :class:`Frame` objects (passed through), ``(id, array_or_path)`` pairs, paths,
     or bare arrays/encoded bytes (id ``<name>#<index>@<time>``).

@@ -30,7 +30,7 @@ import numpy as np
 from morphocam.contract import (DATASET_CLASSES, INPUT_NAME, OUTPUT_PROBABILITIES)
 from morphocam.preprocess import ImageDecodeError, load_frame
 
-from clients.sources import Frame, iterator_frames
+from morphocam.clients.sources import Frame, iterator_frames
 
 INT32_MAX = 2**31 - 1
 
@@ -566,8 +566,8 @@ def classify_frames(frames: Iterable, urls: Sequence[str] | str = ("127.0.0.1:80
                     model_info: ModelInfo | None = None, **options) -> Iterator[dict]:
     """Classify frames; yields exactly one record per frame, in input order.
 
-    ``frames``: :class:`~clients.sources.Frame` objects, ``(id, array_or_path)`` pairs, paths or
-    arrays (see :func:`clients.sources.iterator_frames`). Other keyword arguments are
+    ``frames``: :class:`~morphocam.clients.sources.Frame` objects, ``(id, array_or_path)`` pairs, paths or
+    arrays (see :func:`morphocam.clients.sources.iterator_frames`). Other keyword arguments are
     :class:`ClientOptions` fields (``batch_size``, ``max_wait_ms``, ``max_in_flight``, ...).
     """
     if isinstance(urls, str):

@@ -31,7 +31,7 @@ def summary(results, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExportConfig, argv, "Export morphocam checkpoints into a Triton model repository.",
                        prog="morphocam-export")
-    from training.checkpoint import CheckpointError
+    from morphocam.training.checkpoint import CheckpointError
 
     from .repository import write_repository
 

@@ -4,7 +4,7 @@ Weights are quantised per channel (int8, symmetric), activations per tensor (uin
 ranges observed on the calibration frames. Only the compute-heavy ops (Conv, Gemm, MatMul) are
 quantised; the in-graph normalisation, CBAM's sigmoid gates and the softmax stay in float. The
 result is a QDQ graph that ONNX Runtime runs with int8 kernels and OpenVINO can also compile.
-Whether it is kept is decided by measurement (:mod:`export.engines`), not here.
+Whether it is kept is decided by measurement (:mod:`morphocam.export.engines`), not here.
 """
 
 from __future__ import annotations

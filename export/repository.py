@@ -41,8 +41,8 @@ def log(cfg: ExportConfig, msg: str) -> None:
 
 
 def load_verified(path: Path):
-    """Checkpoint -> (net, meta, contract, sha256), or :class:`training.checkpoint.CheckpointError`."""
-    from training.checkpoint import CheckpointError, contract_of, load_checkpoint, read_metadata, verify_sha256
+    """Checkpoint -> (net, meta, contract, sha256), or :class:`morphocam.training.checkpoint.CheckpointError`."""
+    from morphocam.training.checkpoint import CheckpointError, contract_of, load_checkpoint, read_metadata, verify_sha256
 
     path = Path(path)
     meta = read_metadata(path)  # missing file, not safetensors, truncated header, missing metadata
@@ -240,7 +240,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
     model_sha256 = None
     if (version_dir / model_file).is_file():
-        from training.checkpoint import file_sha256
+        from morphocam.training.checkpoint import file_sha256
 
         model_sha256 = file_sha256(version_dir / model_file)
         (version_dir / f"{model_file}.sha256").write_text(f"{model_sha256}  {model_file}\n")

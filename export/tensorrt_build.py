@@ -3,7 +3,7 @@
 Written against the documented TensorRT Python API (``trt.Builder``, ``trt.OnnxParser``,
 ``BuilderFlag.FP16``, an optimisation profile for the dynamic batch axis). No machine this
 project can use has the ``tensorrt`` package, so the path has never run; without the package or a
-GPU it stops with :class:`export.ExportError` naming what is missing. Note that a plan is tied to
+GPU it stops with :class:`morphocam.export.ExportError` naming what is missing. Note that a plan is tied to
 the GPU model and TensorRT version it was built with: build it on the serving machine.
 """
 

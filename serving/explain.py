@@ -1,6 +1,6 @@
 """Grad-CAM++ on a morphocam checkpoint: the engine behind the ``<model>_explain`` Triton model.
 
-Used in-process by the explainer's ``model.py``, by :mod:`serving.faithfulness` and by tests, so
+Used in-process by the explainer's ``model.py``, by :mod:`morphocam.serving.faithfulness` and by tests, so
 the served heatmaps and the checked heatmaps are the same computation.
 """
 
@@ -46,7 +46,7 @@ class Explainer:
 
     @classmethod
     def from_checkpoint(cls, path: Path, expected_sha256: str | None = None) -> "Explainer":
-        from training.checkpoint import contract_of, load_checkpoint, verify_sha256
+        from morphocam.training.checkpoint import contract_of, load_checkpoint, verify_sha256
 
         verify_sha256(Path(path), expected_sha256 or None)  # parameter first, else the sidecar
         model, meta = load_checkpoint(Path(path), verify=False)

@@ -106,7 +106,7 @@ def deletion_test(predict, frames: np.ndarray, heatmaps: np.ndarray, targets: np
 
 def evaluate(explainer, frames: np.ndarray, frac: float = 0.2, repeats: int = 3, mode: str = "blocks",
              seed: int = 0, batch: int = 8) -> FaithfulnessReport:
-    """Run both checks with an in-process :class:`serving.explain.Explainer` on uint8 frames."""
+    """Run both checks with an in-process :class:`morphocam.serving.explain.Explainer` on uint8 frames."""
     heat, targets = [], []
     for i in range(0, len(frames), batch):
         out = explainer.explain(frames[i:i + batch])

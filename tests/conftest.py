@@ -47,8 +47,8 @@ def serving_repository(tmp_path_factory) -> Path:
     checkpoint = serving_checkpoint_path()
     if not checkpoint.is_file():
         pytest.skip(f"no checkpoint at {checkpoint} (run morphocam-train)")
-    from export.config import ExportConfig
-    from export.repository import write_repository
+    from morphocam.export.config import ExportConfig
+    from morphocam.export.repository import write_repository
 
     out = tmp_path_factory.mktemp("model_repository")
     # Fast export: FP32 ONNX Runtime, no engine measurement or INT8 calibration.
@@ -60,7 +60,7 @@ def serving_repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(serving_repository):
     """The real tritonserver on free loopback ports, started once per session."""
-    from serving.launcher import TritonServer
+    from morphocam.serving.launcher import TritonServer
 
     with TritonServer(serving_repository, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as srv:
         yield srv

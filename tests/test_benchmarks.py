@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.accuracy import run as run_accuracy
-from benchmarks.accuracy import smoke_config, summarise_folds
-from benchmarks.calibration import expected_calibration_error, fit_temperature, softmax_t
-from benchmarks.cli import main as bench_main
+from morphocam.benchmarks.accuracy import run as run_accuracy
+from morphocam.benchmarks.accuracy import smoke_config, summarise_folds
+from morphocam.benchmarks.calibration import expected_calibration_error, fit_temperature, softmax_t
+from morphocam.benchmarks.cli import main as bench_main
 
 
 def test_ece_hand_computed():
@@ -60,7 +60,7 @@ def test_bench_cli_rejects_unknown_commands(capsys):
 
 
 def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
-    from benchmarks.serving import ServingBenchConfig, run
+    from morphocam.benchmarks.serving import ServingBenchConfig, run
 
     cfg = ServingBenchConfig(model_repository=serving_repository, images=repo_root / "samples" / "hushem",
                              output_dir=tmp_path, batches=(1,), concurrency=(2,), request_batches=(1, 4),
@@ -85,7 +85,7 @@ def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
 
 
 def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
-    from benchmarks.serving_sweep import SweepConfig, run
+    from morphocam.benchmarks.serving_sweep import SweepConfig, run
 
     cfg = SweepConfig(model_repository=serving_repository, model="morphocam_hushem",
                       images=repo_root / "samples" / "hushem", output_dir=tmp_path, engines=("onnxruntime:fp32",),
@@ -98,7 +98,7 @@ def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
 
 
 def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tmp_path):
-    from benchmarks import calibration, explanations
+    from morphocam.benchmarks import calibration, explanations
 
     ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
     rows = explanations.run([ckpt], hushem_dir, tmp_path, limit=4)
@@ -111,8 +111,8 @@ def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tm
 
 
 def test_serving_variant_overrides_only_the_copy(serving_repository, tmp_path):
-    from export import pbtxt
-    from benchmarks.variants import ServingVariant, describe, write_variant
+    from morphocam.export import pbtxt
+    from morphocam.benchmarks.variants import ServingVariant, describe, write_variant
 
     released = (serving_repository / "morphocam_hushem" / "config.pbtxt").read_text()
     variant = ServingVariant(engine="openvino", precision="fp32", instances=3, threads=1, queue_delay_us=750,

@@ -23,8 +23,8 @@ from morphocam.contract import DATASET_CLASSES, EXPLAIN_SUFFIX
 
 pytest.importorskip("tritonclient.grpc")
 
-from clients.sources import Frame, expand_inputs  # noqa: E402
-from clients.streaming import classify_frames  # noqa: E402
+from morphocam.clients.sources import Frame, expand_inputs  # noqa: E402
+from morphocam.clients.streaming import classify_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -60,7 +60,7 @@ def classifier_only_repo(serving_repository, tmp_path_factory) -> Path:
 
 
 def start_server(repo: Path, grpc_port: int = 0):
-    from serving.launcher import TritonServer
+    from morphocam.serving.launcher import TritonServer
 
     srv = TritonServer(repo, grpc_port=grpc_port, http_port=0, metrics_port=0, startup_timeout=240)
     srv.check_ports = lambda: None  # a restart reuses ports that may still hold TIME_WAIT connections
@@ -167,7 +167,7 @@ def test_two_servers_one_killed_mid_stream(classifier_only_repo):
 
 # ---------------------------------------------------------------------------------- CLI resume
 def _cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "clients.classify_cli", "--no-progress", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -227,8 +227,8 @@ def test_cli_csv_and_summary(triton_server, tmp_path):
 
 
 def test_explain_least_confident(triton_server, contract, tmp_path):
-    from clients.explain_cli import main as explain_main
-    from clients.results_io import ResultWriter
+    from morphocam.clients.explain_cli import main as explain_main
+    from morphocam.clients.results_io import ResultWriter
 
     results = tmp_path / "r.jsonl"
     with ResultWriter(results) as w:
@@ -246,7 +246,7 @@ def test_explain_least_confident(triton_server, contract, tmp_path):
 
 
 def test_demo_end_to_end(serving_repository, tmp_path):
-    from clients.demo import main as demo_main
+    from morphocam.clients.demo import main as demo_main
 
     assert demo_main(["--model-repository", str(serving_repository), "--output-dir", str(tmp_path)]) == 0
     ds = "hushem"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.report import WHO_MIN_CELLS, build_report, wilson_interval, write_report
-from clients.results_io import ResultWriter, read_records
-from clients.sources import Frame, expand_inputs, npy_stream_frames, resume_key, video_frames
-from clients.streaming import ClientOptions, ModelInfo, StreamingClassifier, is_transient, parse_classification
+from morphocam.clients.report import WHO_MIN_CELLS, build_report, wilson_interval, write_report
+from morphocam.clients.results_io import ResultWriter, read_records
+from morphocam.clients.sources import Frame, expand_inputs, npy_stream_frames, resume_key, video_frames
+from morphocam.clients.streaming import ClientOptions, ModelInfo, StreamingClassifier, is_transient, parse_classification
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -173,7 +173,7 @@ def test_permanent_error_gives_error_records_and_stream_goes_on():
 
 
 def test_all_servers_down_raises_after_deadline():
-    from clients.streaming import ServerUnavailable
+    from morphocam.clients.streaming import ServerUnavailable
 
     dead = FakeClient("a", dead=True)
     with pytest.raises(ServerUnavailable):
@@ -353,14 +353,14 @@ def test_report_html_and_json(tmp_path):
 def test_report_cli_on_truncated_file(tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_text("\n".join(json.dumps(rec(c)) for c in ["Normal_Sperm", "Abnormal_Sperm"]) + "\n" + '{"frame_')
-    from clients.report_cli import main
+    from morphocam.clients.report_cli import main
 
     assert main([str(out), "--output-dir", str(tmp_path / "rep")]) == 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["classified"] == 2
 
 
 def test_clients_do_not_import_torch_or_server_code():
-    code = ("import sys, clients.classify_cli, clients.explain_cli, clients.report_cli, clients.streaming; "
+    code = ("import sys, morphocam.clients.classify_cli, morphocam.clients.explain_cli, morphocam.clients.report_cli, morphocam.clients.streaming; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export', 'serving')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -368,7 +368,7 @@ def test_clients_do_not_import_torch_or_server_code():
 
 
 def test_demo_fails_clearly_without_a_model_repository(tmp_path, capsys):
-    from clients.demo import main as demo_main
+    from morphocam.clients.demo import main as demo_main
 
     assert demo_main(["--model-repository", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -14,8 +14,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from morphocam.contract import (DATASET_CLASSES, EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_TARGET,  # noqa: E402
                                 INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, InputContract)
-from export.config import ExportConfig  # noqa: E402
-from export.errors import ExportError  # noqa: E402
+from morphocam.export.config import ExportConfig  # noqa: E402
+from morphocam.export.errors import ExportError  # noqa: E402
 
 CLASSES = DATASET_CLASSES["hushem"]
 SIZE = 224
@@ -31,8 +31,8 @@ def make_checkpoint(path: Path, classes=CLASSES, head_classes: int | None = None
                     seed: int = 0) -> Path:
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.model import build_model
+    from morphocam.training.checkpoint import save_checkpoint
+    from morphocam.training.model import build_model
 
     torch.manual_seed(seed)
     net = build_model("tf_efficientnet_lite0", head_classes or len(classes)).eval()
@@ -64,7 +64,7 @@ def fast_config(tmp_path: Path, ckpt: Path, hushem_dir: Path, **kw) -> ExportCon
 
 @pytest.fixture(scope="module")
 def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
-    from export.repository import write_repository
+    from morphocam.export.repository import write_repository
 
     tmp = tmp_path_factory.mktemp("cpu")
     cfg = fast_config(tmp, random_ckpt, hushem_dir)
@@ -76,10 +76,10 @@ def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
 def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, real_frames):
     import onnx
 
-    from export.engines import OrtRunner
-    from export.onnx_export import export_onnx
-    from export.parity import check_parity
-    from training.checkpoint import contract_of, load_checkpoint
+    from morphocam.export.engines import OrtRunner
+    from morphocam.export.onnx_export import export_onnx
+    from morphocam.export.parity import check_parity
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     net, meta = load_checkpoint(random_ckpt)
     contract = contract_of(meta)
@@ -99,9 +99,9 @@ def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, rea
 
 def test_parity_failure_is_reported(tmp_path, random_ckpt, real_frames):
     """A graph that disagrees with the checkpoint (other weights) is refused with the numbers."""
-    from export.onnx_export import export_onnx
-    from export.parity import check_parity
-    from training.checkpoint import contract_of, load_checkpoint
+    from morphocam.export.onnx_export import export_onnx
+    from morphocam.export.parity import check_parity
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     other = make_checkpoint(tmp_path / "other" / "model.safetensors", seed=1)
     net, meta = load_checkpoint(random_ckpt)
@@ -129,7 +129,7 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
     assert (e / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/explainer.py").read_bytes()
     assert InputContract.load(m / "1" / "contract.json").classes == CLASSES
     card = json.loads((m / "model_card.json").read_text())
-    from training.checkpoint import file_sha256
+    from morphocam.training.checkpoint import file_sha256
 
     assert card["checkpoint"]["sha256"] == file_sha256(random_ckpt)
     assert card["export"]["parity"]["max_abs_prob_diff"] <= 1e-4
@@ -140,7 +140,7 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
 def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from export.pbtxt import parse
+    from morphocam.export.pbtxt import parse
 
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem" / "config.pbtxt")
@@ -167,8 +167,8 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
 def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from export.pbtxt import parse
-    from training.checkpoint import file_sha256
+    from morphocam.export.pbtxt import parse
+    from morphocam.training.checkpoint import file_sha256
 
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem_explain" / "config.pbtxt")
@@ -189,8 +189,8 @@ def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):
 def test_gpu_onnx_trt_config(tmp_path, random_ckpt, hushem_dir):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from export.pbtxt import parse
-    from export.repository import write_repository
+    from morphocam.export.pbtxt import parse
+    from morphocam.export.repository import write_repository
 
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="gpu-onnx-trt")
     write_repository(cfg)
@@ -216,7 +216,7 @@ def _has_tensorrt_gpu() -> bool:
 @pytest.mark.skipif(not _has_tensorrt_gpu(), reason="TensorRT engine build needs the `tensorrt` package and a CUDA "
                                                     "GPU; neither is available here (path untested)")
 def test_tensorrt_plan_build(tmp_path, random_ckpt, hushem_dir):
-    from export.repository import write_repository
+    from morphocam.export.repository import write_repository
 
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="tensorrt")
     write_repository(cfg)
@@ -225,7 +225,7 @@ def test_tensorrt_plan_build(tmp_path, random_ckpt, hushem_dir):
 
 @pytest.mark.skipif(_has_tensorrt_gpu(), reason="TensorRT and a GPU are present")
 def test_tensorrt_target_stops_clearly_without_gpu(tmp_path, random_ckpt, hushem_dir):
-    from export.repository import write_repository
+    from morphocam.export.repository import write_repository
 
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, target="tensorrt")
     with pytest.raises(ExportError, match="tensorrt|GPU"):
@@ -262,7 +262,7 @@ def _head_mismatch(tmp: Path, good: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from training.checkpoint import file_sha256
+    from morphocam.training.checkpoint import file_sha256
 
     src = make_checkpoint(tmp / "src" / "model.safetensors", classes=("a", "b", "c"), dataset="other")
     with safe_open(str(src), framework="pt") as fh:
@@ -291,7 +291,7 @@ def _sha_mismatch(tmp: Path, good: Path) -> Path:
     (_sha_mismatch, "sha256"),
 ])
 def test_bad_checkpoint_is_refused_and_nothing_written(tmp_path, random_ckpt, hushem_dir, make_bad, message, capsys):
-    from export.cli import main
+    from morphocam.export.cli import main
 
     bad = make_bad(tmp_path, random_ckpt)
     out = tmp_path / "out" / "repo"
@@ -307,7 +307,7 @@ def test_bad_checkpoint_is_refused_and_nothing_written(tmp_path, random_ckpt, hu
 
 
 def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
-    from export.repository import write_repository
+    from morphocam.export.repository import write_repository
 
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, serving_models_dir=tmp_path / "nowhere")
     with pytest.raises(ExportError, match="classifier.py is missing"):
@@ -318,8 +318,8 @@ def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
 # ------------------------------------------------------------------ regeneration
 
 def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ckpt, hushem_dir, real_frames):
-    from export.engines import OrtRunner
-    from export.repository import write_repository
+    from morphocam.export.engines import OrtRunner
+    from morphocam.export.repository import write_repository
 
     out, _ = cpu_repo
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False)
@@ -332,10 +332,10 @@ def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ck
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
 def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
     """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""
-    from export.engines import OrtRunner
-    from export.onnx_export import export_onnx
+    from morphocam.export.engines import OrtRunner
+    from morphocam.export.onnx_export import export_onnx
     from morphocam.preprocess import load_frame
-    from training.checkpoint import contract_of, load_checkpoint
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     m = repo_root / "model_repository" / f"morphocam_{dataset}"
     ckpt = m.parent / f"morphocam_{dataset}_explain" / "1" / "model.safetensors"
@@ -368,11 +368,11 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     agreement 0.73 / 0.67, so the exporter does NOT keep INT8 (rule: <= 1 point). This test guards the
     recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule would reject it.
     """
-    from export import data as D
-    from export.engines import OrtRunner, predict
-    from export.onnx_export import export_onnx
-    from export.quantize import quantize_int8
-    from training.checkpoint import contract_of, load_checkpoint
+    from morphocam.export import data as D
+    from morphocam.export.engines import OrtRunner, predict
+    from morphocam.export.onnx_export import export_onnx
+    from morphocam.export.quantize import quantize_int8
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
     if not ckpt.is_file():

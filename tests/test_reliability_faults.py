@@ -23,7 +23,7 @@ pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.launcher import TritonServer, _children  # noqa: E402
+from morphocam.serving.launcher import TritonServer, _children  # noqa: E402
 from test_serving import MODEL, real_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_broken_and_tampered_models_beside_a_good_one(mixed_repo, serving_reposi
 
 
 def test_default_launcher_still_refuses_a_repository_with_a_broken_model(mixed_repo):
-    from serving.launcher import ServerStartError
+    from morphocam.serving.launcher import ServerStartError
 
     srv = TritonServer(mixed_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120)
     assert "--exit-on-error=true" in srv.command()
@@ -170,7 +170,7 @@ def test_killed_stub_gives_prompt_errors_never_a_hang(classifier_repo, serving_r
 def test_server_sigkilled_mid_stream_and_restarted(classifier_repo):
     """``test_client_live`` covers a graceful stop + restart and a SIGKILL with failover to a second
     server; this is the single-server SIGKILL (whole process group, stubs included) + restart."""
-    from clients.streaming import classify_frames
+    from morphocam.clients.streaming import classify_frames
     from test_client_live import many_frames, slow
 
     srv = TritonServer(classifier_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180)
@@ -219,7 +219,7 @@ def _limit_file_size(max_bytes: int):
 
 
 def test_exporter_unwritable_output_is_a_clear_error(tmp_path, capsys):
-    from export.cli import main
+    from morphocam.export.cli import main
     from conftest import serving_checkpoint_path
 
     blocker = tmp_path / "not_a_folder"
@@ -241,7 +241,7 @@ def test_exporter_disk_full_leaves_the_repository_untouched(tmp_path, serving_re
     out = tmp_path / "repo"
     shutil.copytree(serving_repository / MODEL, out / MODEL)
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "--checkpoints", str(serving_checkpoint_path()),
+    proc = subprocess.run([sys.executable, "-m", "morphocam.export.cli", "--checkpoints", str(serving_checkpoint_path()),
                            "--output", str(out), "--measure", "false", "--int8", "false", "--explain", "false",
                            "--parity-images", "2", "--exporter", "legacy"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, preexec_fn=_limit_file_size(2 * 1024 * 1024))
@@ -265,7 +265,7 @@ def test_client_disk_full_keeps_only_complete_lines(triton_server, tmp_path):
     for p in sample_paths()[:24]:
         shutil.copyfile(p, folder / p.name)
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "clients.classify_cli", "--no-progress", "--url",
+    proc = subprocess.run([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", "--url",
                            triton_server.grpc_url, "--model", MODEL, "--output", str(out), "--timeout", "20",
                            str(folder)], cwd=REPO, capture_output=True, text=True, timeout=120,
                           preexec_fn=_limit_file_size(3000))
@@ -276,7 +276,7 @@ def test_client_disk_full_keeps_only_complete_lines(triton_server, tmp_path):
     complete = [json.loads(line) for line in lines[:-1]]  # everything before the last newline parses
     assert 0 < len(complete) < 24
     # resume with no limit finishes the run: every file exactly once
-    proc = subprocess.run([sys.executable, "-m", "clients.classify_cli", "--no-progress", "--url",
+    proc = subprocess.run([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", "--url",
                            triton_server.grpc_url, "--model", MODEL, "--output", str(out), "--resume",
                            str(folder)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -19,8 +19,8 @@ from PIL import Image
 
 pytest.importorskip("tritonclient.grpc")
 
-from clients.sources import expand_inputs  # noqa: E402
-from clients.streaming import classify_frames  # noqa: E402
+from morphocam.clients.sources import expand_inputs  # noqa: E402
+from morphocam.clients.streaming import classify_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "morphocam_hushem"
@@ -115,7 +115,7 @@ def test_odd_and_broken_images_through_the_client_api(triton_server, image_folde
 def test_odd_and_broken_images_through_the_cli(triton_server, image_folder, tmp_path):
     folder, converted, broken = image_folder
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "clients.classify_cli", "--no-progress", "--url",
+    proc = subprocess.run([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", "--url",
                            triton_server.grpc_url, "--model", MODEL, "--output", str(out), "--timeout", "30",
                            "--retry-deadline", "30", str(folder)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_exported_configs_bound_their_queues(serving_repository):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from export.pbtxt import parse
+    from morphocam.export.pbtxt import parse
 
     for name in (MODEL, EXPLAIN):
         cfg = parse(serving_repository / name / "config.pbtxt")
@@ -38,9 +38,9 @@ def _on_reply(done, i, result, error):
 
 
 def test_overload_is_rejected_fast_with_a_clear_message(serving_repository, tmp_path):
-    from export.pbtxt import parse, to_text
+    from morphocam.export.pbtxt import parse, to_text
     from morphocam.contract import InputContract
-    from serving.launcher import TritonServer
+    from morphocam.serving.launcher import TritonServer
 
     repo = tmp_path / "repo"
     shutil.copytree(serving_repository / MODEL, repo / MODEL, symlinks=True)
@@ -79,7 +79,7 @@ def test_overload_is_rejected_fast_with_a_clear_message(serving_repository, tmp_
 
 
 def test_soak_smoke(serving_repository, tmp_path):
-    from benchmarks.cli import main
+    from morphocam.benchmarks.cli import main
 
     out = tmp_path / "soak"
     code = main(["soak", "--model-repository", str(serving_repository), "--model", MODEL, "--images",

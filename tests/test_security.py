@@ -22,7 +22,7 @@ pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.launcher import TritonServer  # noqa: E402
+from morphocam.serving.launcher import TritonServer  # noqa: E402
 from test_serving import MODEL, real_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_cli_over_tls_logs_frame_ids_but_no_pixel_bytes(tls_server, certificate,
     for name in names:
         Image.fromarray(frame).save(folder / name)
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "clients.classify_cli", "--no-progress", "--url", tls_server.grpc_url,
+    proc = subprocess.run([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", "--url", tls_server.grpc_url,
                            "--model", MODEL, "--ssl", "--root-certificates", str(certificate[0]), "--output",
                            str(out), str(folder)], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
@@ -122,7 +122,7 @@ def test_cli_over_tls_logs_frame_ids_but_no_pixel_bytes(tls_server, certificate,
 
 def test_plaintext_cli_against_tls_server_fails_fast(tls_server, tmp_path):
     sample = sorted((REPO / "samples" / "hushem").glob("*.BMP"))[:1]
-    proc = subprocess.run([sys.executable, "-m", "clients.classify_cli", "--no-progress", "--url", tls_server.grpc_url,
+    proc = subprocess.run([sys.executable, "-m", "morphocam.clients.classify_cli", "--no-progress", "--url", tls_server.grpc_url,
                            "--model", MODEL, "--timeout", "3", "--retry-deadline", "5", "--output",
                            str(tmp_path / "r.jsonl"), *map(str, sample)], cwd=REPO, capture_output=True, text=True,
                           timeout=90)
@@ -137,7 +137,7 @@ class _Payload:
 
 
 def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, monkeypatch):
-    from training.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from morphocam.training.checkpoint import CheckpointError, load_checkpoint, read_metadata
 
     flag = tmp_path / "pwned"
     monkeypatch.setenv("MORPHOCAM_PWNED", str(flag))

@@ -207,13 +207,13 @@ def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract,
 
 # ------------------------------------------------------------------ lifecycle
 def _descendants(pid: int) -> list[int]:
-    from serving.launcher import _children
+    from morphocam.serving.launcher import _children
 
     return _children(pid)
 
 
 def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp_path):
-    from serving.launcher import PortInUseError, TritonServer
+    from morphocam.serving.launcher import PortInUseError, TritonServer
 
     # A busy port is refused with a clear message before anything starts.
     busy = TritonServer(serving_repository, grpc_port=triton_server.grpc_port, http_port=0, metrics_port=0)
@@ -246,13 +246,13 @@ def test_cli_serves_until_sigint(serving_repository, tmp_path):
     import sys
     import time
 
-    from serving.launcher import free_port
+    from morphocam.serving.launcher import free_port
 
     repo = tmp_path / "repo"
     repo.mkdir()
     os.symlink(serving_repository / MODEL, repo / MODEL)
     ports = [str(free_port()) for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--model-repository", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "morphocam.serving.cli", "--model-repository", str(repo),
                              "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2]],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
     lines = []
@@ -278,7 +278,7 @@ def test_cli_serves_until_sigint(serving_repository, tmp_path):
 
 
 def test_cli_warns_on_public_host_and_rejects_missing_repository(tmp_path, capsys):
-    from serving.cli import main
+    from morphocam.serving.cli import main
 
     assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err

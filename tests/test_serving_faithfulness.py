@@ -19,8 +19,8 @@ def report():
     import torch
 
     from morphocam.preprocess import load_frame
-    from serving.explain import Explainer
-    from serving.faithfulness import evaluate
+    from morphocam.serving.explain import Explainer
+    from morphocam.serving.faithfulness import evaluate
 
     checkpoint = serving_checkpoint_path()
     npz = checkpoint.parent / "test_predictions.npz"

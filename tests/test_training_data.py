@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DatasetError, group_ids, kfold_indices, load_images, scan_folder, split_indices
+from morphocam.training.data import DatasetError, group_ids, kfold_indices, load_images, scan_folder, split_indices
 
 
 def _write(path: Path, value: int, size=(20, 20)) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.metrics import classification_metrics, macro_auc, wilson_interval
+from morphocam.training.metrics import classification_metrics, macro_auc, wilson_interval
 
 
 def test_metrics_match_hand_computed_values():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.augment import mixup, soft_cross_entropy, soft_targets
-from training.model import CBAM, build_model
-from training.pretrained import lite0_package_file, lite0_to_timm, load_backbone_weights
-from training.trainer import set_stage
+from morphocam.training.augment import mixup, soft_cross_entropy, soft_targets
+from morphocam.training.model import CBAM, build_model
+from morphocam.training.pretrained import lite0_package_file, lite0_to_timm, load_backbone_weights
+from morphocam.training.trainer import set_stage
 
 
 def test_cbam_attention_maps_are_probabilities_and_shape_is_kept():

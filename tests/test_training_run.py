@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from training.cli import evaluate_main, train_main
-from training.model import build_model
+from morphocam.training.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from morphocam.training.cli import evaluate_main, train_main
+from morphocam.training.model import build_model
 
 
 @pytest.fixture(scope="module")

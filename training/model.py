@@ -112,7 +112,7 @@ def build_model(arch: str, num_classes: int, use_cbam: bool = True, dropout: flo
     """Build a network by name: ``simplecnn`` or any timm backbone name (e.g. ``efficientnet_b0``).
 
     ``pretrained_timm`` asks timm to download ImageNet weights from its hub (needs a network);
-    offline weights are loaded afterwards by :mod:`training.pretrained`.
+    offline weights are loaded afterwards by :mod:`morphocam.training.pretrained`.
     """
     if arch == SIMPLECNN:
         body = SimpleCNN()

@@ -42,7 +42,7 @@ class TritonPythonModel:
             pass
         os.environ.setdefault("OMP_NUM_THREADS", str(max(threads, 1)))
 
-        from serving.explain import Explainer, overlay_png
+        from morphocam.serving.explain import Explainer, overlay_png
 
         version_dir = Path(args["model_repository"]) / args["model_version"]
         checkpoint = version_dir / _param(config, "checkpoint", "model.safetensors")

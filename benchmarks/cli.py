@@ -15,6 +15,7 @@ commands:
   sweep         the served classifier over engine x instances x threads x queue delay
   accuracy      the paper's ablation table on the seeded split, plus k-fold CV of the full model
   calibration   ECE before/after temperature scaling for a checkpoint
+  trust         calibration, conformal coverage, OOD AUROC (other dataset, blank/noise, corruptions), cost
   explanations  Grad-CAM++ faithfulness (deletion test) and cost per explanation
   soak          bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99
 Run 'morphocam-bench COMMAND --help' for a command's options."""
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         from .accuracy import AccuracyConfig, run
 
         run(parse_config(AccuracyConfig, rest, "Paper ablation and k-fold accuracy.", prog="morphocam-bench accuracy"))
+    elif command == "trust":
+        from .trust import TrustBenchConfig, run
+
+        run(parse_config(TrustBenchConfig, rest, "Calibrated probabilities, conformal sets and the OOD flag.",
+                         prog="morphocam-bench trust"))
     elif command == "soak":
         from .soak import SoakConfig, run
 

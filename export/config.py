@@ -44,6 +44,12 @@ class ExportConfig:
     exporter: str = option(f"torch.onnx exporter: {' | '.join(EXPORTERS)} (dynamo gives the cleaner graph)", "dynamo")
     parity_tolerance: float = option("fail if max |Δprobability| ONNX Runtime vs PyTorch exceeds this", 1e-4)
     parity_images: int = option("real images used for the parity check", 16)
+    # trust outputs (export/trust_fit.py): fitted from the checkpoint's own recorded split
+    trust: bool = option("fold temperature, OOD_SCORE/IN_DOMAIN and the conformal PREDICTION_SET into the graph "
+                         "(fitted on the checkpoint's re-derived split; needs its dataset)", True)
+    coverage: float = option("conformal prediction-set coverage (1 - alpha)", 0.9)
+    ood_acceptance: float = option("share of in-domain validation frames IN_DOMAIN must accept (sets the OOD threshold)",
+                                   0.95)
     # engine / precision choice (cpu target)
     engine: str = option(f"CPU engine: {' | '.join(ENGINES)} (auto = fastest within the accuracy bound)", "auto")
     precision: str = option(f"CPU precision: {' | '.join(PRECISIONS)}", "auto")
@@ -77,6 +83,8 @@ class ExportConfig:
              "queue settings must be >= 0"),
             (self.parity_tolerance > 0, "parity_tolerance must be > 0"),
             (self.parity_images >= 1, "parity_images must be >= 1"),
+            (0 < self.coverage < 1, "coverage must be in (0, 1)"),
+            (0 < self.ood_acceptance <= 1, "ood_acceptance must be in (0, 1]"),
             (self.bench_batch >= 1, "bench_batch must be >= 1"),
             (not (self.engine == "onnxruntime" and self.precision == "bf16"),
              "bf16 is an OpenVINO precision: use --engine openvino or auto"),

@@ -11,8 +11,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_TARGET, INPUT_NAME, OUTPUT_LOGITS,
-                                OUTPUT_PROBABILITIES, InputContract)
+from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_TARGET, INPUT_NAME, OUTPUT_IN_DOMAIN,
+                                OUTPUT_LOGITS, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET, OUTPUT_PROBABILITIES,
+                                InputContract)
 
 LABELS_FILE = "labels.txt"
 WARMUP_DIR = "warmup"
@@ -50,13 +51,19 @@ def _warmup(cfg: mc.ModelConfig, contract: InputContract) -> None:
 def classifier_config(name: str, contract: InputContract, *, target: str = "cpu", max_batch_size: int = 32,
                       queue_delay_us: int = 2000, max_queue_size: int = 256, queue_timeout_us: int = 0,
                       instances: int = 1, engine: str = "onnxruntime", precision: str = "fp32",
-                      model_file: str = "model.onnx", threads: int = 0, warmup: bool = True) -> mc.ModelConfig:
+                      model_file: str = "model.onnx", threads: int = 0, warmup: bool = True,
+                      trust: bool = True) -> mc.ModelConfig:
     """The classifier for a target: ``cpu`` (Python backend running ORT/OpenVINO in-process),
     ``gpu-onnx-trt`` (Triton's ONNX Runtime backend with the TensorRT accelerator, FP16), ``tensorrt``
-    (a ``tensorrt_plan`` engine)."""
+    (a ``tensorrt_plan`` engine). ``trust`` declares the graph's OOD_SCORE, IN_DOMAIN and
+    PREDICTION_SET outputs (the Python-backend classifier returns whatever outputs the config lists)."""
     cfg = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
     _io(contract, cfg)
     cfg.output.add(name=OUTPUT_LOGITS, data_type=mc.TYPE_FP32, dims=[contract.num_classes])
+    if trust:
+        cfg.output.add(name=OUTPUT_OOD_SCORE, data_type=mc.TYPE_FP32, dims=[1])
+        cfg.output.add(name=OUTPUT_IN_DOMAIN, data_type=mc.TYPE_BOOL, dims=[1])
+        cfg.output.add(name=OUTPUT_PREDICTION_SET, data_type=mc.TYPE_BOOL, dims=[contract.num_classes])
     _batching(cfg, queue_delay_us, max_queue_size, queue_timeout_us)
     if target == "cpu":
         cfg.backend = "python"

@@ -191,10 +191,12 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
     onnx_file = version_dir / "model.onnx"
+    trust = _fit_trust(cfg, net, meta, root, contract) if cfg.trust else None
     log(cfg, f"  exporting ONNX ({cfg.exporter}, opset {cfg.opset})")
-    graph = export_onnx(net, contract, onnx_file, cfg.opset, cfg.exporter)
+    graph = export_onnx(net, contract, onnx_file, cfg.opset, cfg.exporter, trust=trust)
     log(cfg, f"  ONNX: {graph['nodes']} nodes, {graph['bytes'] / 1e6:.1f} MB, exporter {graph['exporter']}; onnx.checker ok")
-    par = check_parity(net, onnx_file, images[: cfg.parity_images], contract, cfg.parity_tolerance, cfg.bench_threads)
+    par = check_parity(net, onnx_file, images[: cfg.parity_images], contract, cfg.parity_tolerance, cfg.bench_threads,
+                       trust=trust)
     log(cfg, f"  parity on {par['images']} real images: max |Δprob| {par['max_abs_prob_diff']:.2e}, "
              f"max |Δlogit| {par['max_abs_logit_diff']:.2e} (tolerance {cfg.parity_tolerance:g}) ok")
 
@@ -235,7 +237,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     cfg_msg = pbtxt.classifier_config(
         name, contract, target=cfg.target, max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
         max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
-        engine=engine, precision=precision, model_file=model_file, threads=cfg.threads)
+        engine=engine, precision=precision, model_file=model_file, threads=cfg.threads, trust=trust is not None)
     (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
     # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
     model_sha256 = None
@@ -268,6 +270,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
                    "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
         "engines": card_engines,
+        "trust": None if trust is None else {**trust.card, "outputs": TRUST_CONTRACT},
     }
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     result = ModelResult(name, [model_dir], card)
@@ -286,6 +289,32 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
         result.folders.append(exp_dir)
     log(cfg, f"  {name}: done in {time.time() - t0:.1f}s")
     return result
+
+
+TRUST_CONTRACT = {
+    "PROBABILITIES": "FP32 [n, K], softmax(LOGITS / T): calibrated by the temperature below",
+    "LOGITS": "FP32 [n, K], unchanged (uncalibrated)",
+    "OOD_SCORE": "FP32 [n, 1], distance to the training data relative to the threshold: 1.0 = threshold, "
+                 "higher = less like the training data",
+    "IN_DOMAIN": "BOOL [n, 1], OOD_SCORE <= 1",
+    "PREDICTION_SET": "BOOL [n, K], split-conformal set: contains the true class with probability >= coverage "
+                      "for frames like the calibration frames (in-domain); the top class is always in it",
+}
+
+
+def _fit_trust(cfg: ExportConfig, net, meta: dict, root: Path, contract: InputContract):
+    """Temperature, OOD statistics and conformal qhat from the checkpoint's own split (trust_fit.py)."""
+    from .trust_fit import fit_trust
+
+    log(cfg, f"  fitting trust outputs (coverage {cfg.coverage:.0%}, OOD acceptance {cfg.ood_acceptance:.0%}) "
+             "on the checkpoint's re-derived split")
+    trust, _ = fit_trust(net, meta, root, contract, cfg.coverage, cfg.ood_acceptance,
+                         log=lambda m: log(cfg, m))
+    t = trust.card["test"]
+    log(cfg, f"  trust: T = {trust.temperature:.3f}, OOD threshold {trust.ood_threshold:.2f}, RAPS lam {trust.lam:g}, "
+             f"qhat {trust.qhat:.4f}; test: ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f}, coverage "
+             f"{t['conformal_coverage']:.3f}, mean set size {t['mean_set_size']:.2f}, in-domain {t['in_domain_rate']:.3f}")
+    return trust
 
 
 def _commit(staged: Path, out: Path) -> None:

@@ -24,6 +24,14 @@ INPUT_NAME = "IMAGES"
 INPUT_DTYPE = "UINT8"
 OUTPUT_PROBABILITIES = "PROBABILITIES"
 OUTPUT_LOGITS = "LOGITS"
+# Trust outputs (computed inside the same graph, so every engine returns them): PROBABILITIES are
+# temperature-calibrated; OOD_SCORE FP32 [n, 1] (1.0 = the in-domain threshold, higher = less like
+# the training data); IN_DOMAIN BOOL [n, 1] (OOD_SCORE <= 1); PREDICTION_SET BOOL [n, K] (split-
+# conformal APS set at the coverage in the model card). Clients reading only PROBABILITIES are unaffected.
+OUTPUT_OOD_SCORE = "OOD_SCORE"
+OUTPUT_IN_DOMAIN = "IN_DOMAIN"
+OUTPUT_PREDICTION_SET = "PREDICTION_SET"
+TRUST_OUTPUTS = (OUTPUT_OOD_SCORE, OUTPUT_IN_DOMAIN, OUTPUT_PREDICTION_SET)
 
 # Explanation model: same input, plus an optional target class per frame (-1 = predicted class).
 EXPLAIN_SUFFIX = "_explain"

@@ -1,5 +1,8 @@
 """Calibration: expected calibration error before and after temperature scaling.
 
+(``morphocam-bench trust`` measures the temperature the exporter folds into the served graph, fitted
+on half of the validation split; this older benchmark fits on the whole validation split.)
+
 The temperature is fitted on the validation split (NLL), then ECE is measured on the test split,
 both re-derived from the checkpoint's own recipe (same seed, same split).
 """
@@ -12,37 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from morphocam.atomic import atomic_write_text
+from morphocam.export import trust_math as TM
+from morphocam.export.trust_math import expected_calibration_error, fit_temperature  # noqa: F401 - re-exported
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE (Guo et al. 2017): sum over confidence bins of |accuracy - confidence| weighted by bin size."""
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = (conf > lo) & (conf <= hi)
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
-
-
-def softmax_t(log_probs: np.ndarray, temperature: float) -> np.ndarray:
-    z = log_probs / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
-    from scipy.optimize import minimize_scalar
-
-    def nll(log_t: float) -> float:
-        p = softmax_t(log_probs, float(np.exp(log_t)))
-        return float(-np.log(p[np.arange(len(labels)), labels].clip(1e-12)).mean())
-
-    res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
-    return float(np.exp(res.x))
+# one definition of the maths, shared with the exporter's fitted temperature (morphocam.export.trust_math)
+softmax_t = TM.softmax
 
 
 def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:

@@ -19,6 +19,16 @@ from morphocam.contract import INPUT_NAME
 from .errors import ExportError
 
 QUANTISED_OPS = ["Conv", "Gemm", "MatMul"]
+# The OOD score's whitening matmul (onnx_export.DeployableModel) stays float: its distances are
+# compared with a threshold fitted in float, and 8 bits would move frames across it.
+FLOAT_INITIALIZERS = ("whitener",)
+
+
+def _float_only_nodes(model_file: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return [n.name for n in graph.node if any(i in FLOAT_INITIALIZERS for i in n.input)]
 
 
 class FrameReader:
@@ -60,11 +70,13 @@ def quantize_int8(fp32_file: Path, int8_file: Path, calibration: np.ndarray) -> 
             src = pre
         except Exception:  # noqa: BLE001 - fall back to the plain graph
             preprocessed = False
+        keep_float = _float_only_nodes(src)
         quantize_static(str(src), str(int8_file), Reader(calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTISED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=QUANTISED_OPS, nodes_to_exclude=keep_float, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"CalibTensorRangeSymmetric": False})
     return {"method": "onnxruntime quantize_static, QDQ, MinMax calibration",
             "ops": QUANTISED_OPS, "weights": "int8 per-channel", "activations": "uint8 per-tensor",
             "calibration_images": int(len(calibration)), "pre_processed": preprocessed,
+            "kept_float": keep_float,
             "bytes": Path(int8_file).stat().st_size}

@@ -13,7 +13,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from morphocam.contract import (DATASET_CLASSES, EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_TARGET,  # noqa: E402
-                                INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES, InputContract)
+                                INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_LOGITS, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
+                                OUTPUT_PROBABILITIES, InputContract)
 from morphocam.export.config import ExportConfig  # noqa: E402
 from morphocam.export.errors import ExportError  # noqa: E402
 
@@ -56,8 +57,9 @@ def real_frames(hushem_dir) -> np.ndarray:
 
 
 def fast_config(tmp_path: Path, ckpt: Path, hushem_dir: Path, **kw) -> ExportConfig:
+    # trust outputs are fitted (features of the whole split) only where a test is about them
     base = dict(checkpoints=[ckpt], output=tmp_path / "repo", data_root=hushem_dir.parent, exporter="legacy",
-                measure=False, int8=False, parity_images=4, progress=False)
+                measure=False, int8=False, parity_images=4, progress=False, trust=False)
     base.update(kw)
     return ExportConfig(**base)
 
@@ -67,7 +69,7 @@ def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
     from morphocam.export.repository import write_repository
 
     tmp = tmp_path_factory.mktemp("cpu")
-    cfg = fast_config(tmp, random_ckpt, hushem_dir)
+    cfg = fast_config(tmp, random_ckpt, hushem_dir, trust=True)
     return cfg.output, write_repository(cfg)
 
 
@@ -148,10 +150,11 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == 32
     (inp,) = cfg.input
     assert inp.name == INPUT_NAME and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [SIZE, SIZE, 3]
-    outs = {o.name: o for o in cfg.output}
-    assert set(outs) == {OUTPUT_PROBABILITIES, OUTPUT_LOGITS}
-    assert outs[OUTPUT_PROBABILITIES].label_filename == "labels.txt"
-    assert all(o.data_type == mc.TYPE_FP32 and list(o.dims) == [4] for o in outs.values())
+    outs = {o.name: (o.data_type, list(o.dims)) for o in cfg.output}
+    assert outs == {OUTPUT_PROBABILITIES: (mc.TYPE_FP32, [4]), OUTPUT_LOGITS: (mc.TYPE_FP32, [4]),
+                    OUTPUT_OOD_SCORE: (mc.TYPE_FP32, [1]), OUTPUT_IN_DOMAIN: (mc.TYPE_BOOL, [1]),
+                    OUTPUT_PREDICTION_SET: (mc.TYPE_BOOL, [4])}
+    assert [o.label_filename for o in cfg.output if o.name == OUTPUT_PROBABILITIES] == ["labels.txt"]
     db = cfg.dynamic_batching
     assert db.max_queue_delay_microseconds == 2000 and not db.preferred_batch_size
     assert db.default_queue_policy.max_queue_size == 256
@@ -322,11 +325,17 @@ def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ck
     from morphocam.export.repository import write_repository
 
     out, _ = cpu_repo
-    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False)
+    cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False, trust=True)
     write_repository(cfg)
-    a = OrtRunner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
-    b = OrtRunner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
-    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    runs = []
+    for repo in (out, cfg.output):  # the trust fit is a reproducible step: same checkpoint, same outputs
+        session = OrtRunner(repo / "morphocam_hushem" / "1" / "model.onnx", 1).session
+        runs.append(dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: real_frames}))))
+    assert set(runs[0]) == {OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_OOD_SCORE, OUTPUT_IN_DOMAIN, OUTPUT_PREDICTION_SET}
+    for name, value in runs[0].items():
+        np.testing.assert_allclose(value.astype(float), runs[1][name].astype(float), atol=1e-6, err_msg=name)
+    cards = [json.loads((r / "morphocam_hushem" / "model_card.json").read_text())["trust"] for r in (out, cfg.output)]
+    assert cards[0]["temperature"] == cards[1]["temperature"] and cards[0]["conformal"] == cards[1]["conformal"]
 
 
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
@@ -355,8 +364,92 @@ def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_d
     frames = np.stack([load_frame(p, contract.height, contract.width) for p in files])
     a = OrtRunner(m / "1" / "model.onnx", 1)(frames)
     b = OrtRunner(f, 1)(frames)
-    np.testing.assert_allclose(a[0], b[0], atol=1e-4)
-    np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-4)  # LOGITS: the checkpoint's network, unchanged
+    # PROBABILITIES: the network's, at the temperature the card records (re-fitting takes minutes:
+    # test_regenerating_gives_the_same_graph_outputs shows the fit itself is reproducible)
+    t = (card.get("trust") or {}).get("temperature", {}).get("value", 1.0)
+    from morphocam.export.trust_math import softmax
+
+    np.testing.assert_allclose(a[1], softmax(b[0], t), atol=1e-5)
+
+
+# ------------------------------------------------------------------ trust outputs
+
+def test_card_records_the_trust_fit_and_its_data(cpu_repo):
+    out, _ = cpu_repo
+    card = json.loads((out / "morphocam_hushem" / "model_card.json").read_text())
+    trust, par = card["trust"], card["export"]["parity"]
+    sizes = trust["data"]["sizes"]
+    assert sizes["val_a"] + sizes["val_b"] == 33 and sizes["train"] == 150 and sizes["test"] == 33
+    assert f"({sizes['val_a']} images)" in trust["temperature"]["fitted_on"]
+    assert f"({sizes['val_b']} images)" in trust["conformal"]["fitted_on"]
+    assert trust["conformal"]["coverage"] == 0.9 and trust["ood"]["acceptance"] == 0.95
+    assert set(trust["outputs"]) >= {OUTPUT_OOD_SCORE, OUTPUT_IN_DOMAIN, OUTPUT_PREDICTION_SET}
+    # parity of the new outputs, with a blank and a noise frame among the parity frames
+    assert par["max_rel_ood_score_diff"] <= 1e-4 and par["synthetic_frames"] == 2
+    assert par["in_domain_mismatches"] == 0 and par["prediction_set_mismatches"] == 0
+
+
+def test_trust_outputs_on_real_and_synthetic_frames(cpu_repo, real_frames):
+    """Shapes and dtypes as the contract says; sets hold the top class; probabilities are softmax(LOGITS / T)."""
+    from morphocam.export.engines import OrtRunner
+    from morphocam.export.parity import synthetic_frames
+    from morphocam.export.trust_math import softmax
+
+    out, _ = cpu_repo
+    m = out / "morphocam_hushem"
+    t = json.loads((m / "model_card.json").read_text())["trust"]["temperature"]["value"]
+    session = OrtRunner(m / "1" / "model.onnx", 1).session
+    frames = np.concatenate([real_frames, synthetic_frames(InputContract.load(m / "1" / "contract.json"))])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: frames})))
+    n = len(frames)
+    assert got[OUTPUT_OOD_SCORE].shape == (n, 1) and got[OUTPUT_OOD_SCORE].dtype == np.float32
+    assert got[OUTPUT_IN_DOMAIN].shape == (n, 1) and got[OUTPUT_IN_DOMAIN].dtype == np.bool_
+    assert got[OUTPUT_PREDICTION_SET].shape == (n, 4) and got[OUTPUT_PREDICTION_SET].dtype == np.bool_
+    np.testing.assert_array_equal(got[OUTPUT_IN_DOMAIN][:, 0], got[OUTPUT_OOD_SCORE][:, 0] <= 1.0)
+    top = got[OUTPUT_PROBABILITIES].argmax(1)
+    assert got[OUTPUT_PREDICTION_SET][np.arange(n), top].all()
+    np.testing.assert_allclose(got[OUTPUT_PROBABILITIES], softmax(got[OUTPUT_LOGITS], t), atol=1e-5)
+
+
+def test_trust_parity_failure_is_reported(tmp_path, random_ckpt, real_frames, hushem_dir):
+    """A graph whose OOD statistics differ from the fitted ones is refused by the parity check."""
+    import copy
+
+    from morphocam.export.onnx_export import export_onnx
+    from morphocam.export.parity import check_parity
+    from morphocam.export.trust_fit import SplitFeatures, fit_from_features, pooled_features
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
+
+    net, meta = load_checkpoint(random_ckpt)
+    contract = contract_of(meta)
+    f, lo = pooled_features(net, real_frames, contract)
+    # a well-conditioned stand-in fit: 40 jittered copies of the 5 frames' features
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([f + rng.normal(0, f.std(), f.shape) for _ in range(40)])
+    labels = np.tile(np.arange(len(real_frames)) % 4, 40)
+    part = SplitFeatures(feats, np.tile(lo, (40, 1)), labels)
+    params = fit_from_features({"train": part, "val_a": part, "val_b": part}, 4)
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(net, contract, onnx_file, exporter="legacy", trust=params)
+    assert check_parity(net, onnx_file, real_frames, contract, 1e-4, trust=params)["in_domain_mismatches"] == 0
+    other = copy.deepcopy(params)
+    other.ood_threshold *= 2
+    with pytest.raises(ExportError, match="OOD_SCORE"):
+        check_parity(net, onnx_file, real_frames, contract, 1e-4, trust=other)
+
+
+def test_checkpoint_without_recipe_cannot_fit_trust(tmp_path, hushem_dir):
+    from morphocam.export.repository import write_repository
+    from morphocam.training.checkpoint import read_metadata, save_checkpoint
+    from morphocam.training.model import build_model
+
+    ckpt = tmp_path / "bare" / "model.safetensors"
+    make_checkpoint(ckpt)
+    meta = {k: v for k, v in read_metadata(ckpt).items() if k != "recipe"}
+    save_checkpoint(build_model("tf_efficientnet_lite0", 4).eval(), meta, ckpt)
+    with pytest.raises(ExportError, match="--trust false"):
+        write_repository(fast_config(tmp_path, ckpt, hushem_dir, trust=True))
 
 
 # ------------------------------------------------------------------ INT8

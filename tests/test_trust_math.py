@@ -23,13 +23,6 @@ def test_temperature_recovers_the_temperature_that_generated_the_labels():
     assert np.array_equal(TM.softmax(logits, t).argmax(1), logits.argmax(1))
 
 
-def test_ece_hand_computed():
-    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
-    labels = np.array([0, 1, 0, 0])
-    # bin (0.8, 0.867]: conf 0.9, acc 0.5 -> 0.5 * 0.4 ; bin (0.533, 0.6]: conf 0.6, acc 1.0 -> 0.5 * 0.4
-    assert TM.expected_calibration_error(probs, labels) == pytest.approx(0.4)
-
-
 def test_mass_above_rank_and_sets_by_hand():
     p = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
     np.testing.assert_allclose(TM.mass_above(p), [[0.0, 0.5, 0.8], [0.9, 0.0, 0.6]])

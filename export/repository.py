@@ -199,6 +199,10 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
                        trust=trust)
     log(cfg, f"  parity on {par['images']} real images: max |Δprob| {par['max_abs_prob_diff']:.2e}, "
              f"max |Δlogit| {par['max_abs_logit_diff']:.2e} (tolerance {cfg.parity_tolerance:g}) ok")
+    if trust is not None:
+        log(cfg, f"  trust parity (+ a blank and a noise frame, IN_DOMAIN {par['synthetic_in_domain']}): max relative "
+                 f"|ΔOOD_SCORE| {par['max_rel_ood_score_diff']:.2e}, IN_DOMAIN / PREDICTION_SET mismatches "
+                 f"{par['in_domain_mismatches']} / {par['prediction_set_mismatches']}")
 
     card_engines = None
     engine, precision, model_file = "onnxruntime", "fp32", "model.onnx"

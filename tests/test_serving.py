@@ -62,8 +62,10 @@ def test_metadata_and_config(client, contract):
     assert inputs["IMAGES"]["datatype"] == "UINT8"
     assert [int(d) for d in inputs["IMAGES"]["shape"]] == [-1, contract.height, contract.width, 3]
     outputs = {o["name"]: o for o in meta["outputs"]}
-    assert set(outputs) == {"PROBABILITIES", "LOGITS"}
+    assert set(outputs) == {"PROBABILITIES", "LOGITS", "OOD_SCORE", "IN_DOMAIN", "PREDICTION_SET"}
     assert [int(d) for d in outputs["PROBABILITIES"]["shape"]] == [-1, contract.num_classes]
+    assert outputs["IN_DOMAIN"]["datatype"] == "BOOL" and outputs["PREDICTION_SET"]["datatype"] == "BOOL"
+    assert [int(d) for d in outputs["PREDICTION_SET"]["shape"]] == [-1, contract.num_classes]
     cfg = client.get_model_config(MODEL, as_json=True)["config"]
     assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == 32
     assert "dynamic_batching" in cfg
@@ -91,7 +93,8 @@ def test_classification_matches_in_process_and_fp32_ort(client, serving_reposito
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     model = _in_process_engine(client, serving_repository)
-    ref_logits, ref_probs = model._run(frames)
+    ref = dict(zip(model._outputs, model._run(frames)))
+    ref_logits, ref_probs = ref["LOGITS"], ref["PROBABILITIES"]
     dp = float(np.abs(probs - ref_probs).max())
     print(f"server vs in-process {model.engine}/{model.precision}: max |dprob| = {dp:.2e}")
     assert dp <= 1e-5

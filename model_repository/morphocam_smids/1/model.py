@@ -12,6 +12,9 @@ LOGITS, PROBABILITIES), so this file only runs an in-process engine on the whole
   when the exporter wrote a ``<model_file>.sha256`` sidecar, the file must match it or the model
   refuses to load (a tampered or truncated graph is never served).
 
+The outputs returned are the ones the config declares, by name, in the graph's own dtypes (LOGITS,
+PROBABILITIES and, for graphs exported with trust outputs, OOD_SCORE, IN_DOMAIN, PREDICTION_SET).
+
 ``execute`` concatenates every valid request of the dynamic batch into one inference, splits the
 result back and returns exactly one response per request; a bad request gets a ``TritonError``
 in its own response and never fails its neighbours. Nothing is raised out of ``execute``.
@@ -55,6 +58,8 @@ class TritonPythonModel:
         self.height, self.width = int(contract["height"]), int(contract["width"])
         self.num_classes = len(contract["classes"])
         self.max_batch = int(config.get("max_batch_size", 0)) or None
+        # whatever the config declares is what the graph computes and what each response carries
+        self._outputs = [o["name"] for o in config.get("output", [])] or [OUT_LOGITS, OUT_PROBS]
 
         self.engine = _param(config, "engine", "onnxruntime").lower()
         self.precision = _param(config, "precision", "fp32").lower()
@@ -81,7 +86,6 @@ class TritonPythonModel:
             self._session = ort.InferenceSession(str(model_file), sess_options=opts,
                                                  providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
-            self._outputs = [OUT_LOGITS, OUT_PROBS]
             self._run = self._run_ort
         elif self.engine == "openvino":
             import openvino as ov
@@ -94,8 +98,7 @@ class TritonPythonModel:
                 "PERFORMANCE_HINT": "LATENCY",
             })
             self._request = self._compiled.create_infer_request()
-            self._ov_logits = self._compiled.output(OUT_LOGITS)
-            self._ov_probs = self._compiled.output(OUT_PROBS)
+            self._ov_outputs = [self._compiled.output(name) for name in self._outputs]
             self._run = self._run_ov
         else:
             raise pb_utils.TritonModelException(
@@ -119,13 +122,12 @@ class TritonPythonModel:
                 "refusing to load it (re-export the repository)")
 
     # ------------------------------------------------------------------ engines
-    def _run_ort(self, batch: np.ndarray):
-        logits, probs = self._session.run(self._outputs, {self._input: batch})
-        return logits, probs
+    def _run_ort(self, batch: np.ndarray) -> list:
+        return self._session.run(self._outputs, {self._input: batch})
 
-    def _run_ov(self, batch: np.ndarray):
+    def _run_ov(self, batch: np.ndarray) -> list:
         result = self._request.infer({0: batch})
-        return np.array(result[self._ov_logits], np.float32), np.array(result[self._ov_probs], np.float32)
+        return [np.array(result[o]) for o in self._ov_outputs]
 
     # ------------------------------------------------------------------ hot path
     def _check(self, tensor) -> tuple[np.ndarray | None, str | None]:
@@ -159,14 +161,13 @@ class TritonPythonModel:
         if good:
             try:
                 batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-                logits, probs = self._run(batch)
+                results = self._run(batch)
                 start = 0
                 for i, x in zip(good, arrays):
                     end = start + x.shape[0]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(OUT_PROBS, probs[start:end]),
-                        pb_utils.Tensor(OUT_LOGITS, logits[start:end]),
-                    ])
+                        pb_utils.Tensor(name, np.ascontiguousarray(value[start:end]))
+                        for name, value in zip(self._outputs, results)])
                     start = end
             except Exception as exc:  # noqa: BLE001
                 err = pb_utils.TritonError(f"{self.model_name}: inference failed: {exc}")

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 
@@ -143,13 +144,8 @@ def run(cfg: AccuracyConfig) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(summary["single_split"])
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
+    fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = summary["single_split"][ds]
         names = list(rows)
@@ -167,9 +163,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds}: test accuracy")
         ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def smoke_config(tmp: Path, data_root: Path) -> AccuracyConfig:

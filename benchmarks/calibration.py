@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 
 
@@ -76,12 +77,7 @@ def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:
 
 
 def _plot(before, after, labels, t, path, title, bins=10):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plotting.subplots(figsize=(4.5, 4))
     edges = np.linspace(0, 1, bins + 1)
     for probs, name in ((before, "T=1"), (after, f"T={t:.2f}")):
         conf, correct = probs.max(1), probs.argmax(1) == labels
@@ -97,6 +93,4 @@ def _plot(before, after, labels, t, path, title, bins=10):
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}: reliability (test)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 
 
@@ -58,19 +59,12 @@ def run(checkpoints: list[Path], data_dir: Path, output_dir: Path, frac: float =
 
 
 def _plot(rows: dict, path: Path, frac: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(rows)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(names)), 4))
+    fig, ax = plotting.subplots(figsize=(max(5, 2.5 * len(names)), 4))
     ax.bar(x - 0.2, [rows[n]["drop_top"] for n in names], 0.4, label=f"delete top {frac:.0%} (Grad-CAM++)")
     ax.bar(x + 0.2, [rows[n]["drop_random"] for n in names], 0.4, label=f"delete random {frac:.0%}")
     ax.set_xticks(x, names, rotation=10)
     ax.set_ylabel("drop of target-class probability")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

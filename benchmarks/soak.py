@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, InputContract
@@ -183,12 +184,7 @@ def run(cfg: SoakConfig) -> dict:
 
 
 def _plot(result: dict, base, mixed, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plotting.subplots(1, 2, figsize=(11, 4))
     for recs, label in ((base, "classify, alone"), (mixed, "classify, with explain load")):
         lat = [r[2] for r in recs if r[1] == "classify" and not r[3]]
         if lat:
@@ -208,6 +204,4 @@ def _plot(result: dict, base, mixed, path: Path) -> None:
     b.set_ylabel("RSS (MiB)")
     b.legend(fontsize=7)
     b.set_title(f"RSS, bound +{result['rss_mib']['bound']:.0f} MiB; shm left: {len(result['shm_segments_after_shutdown'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

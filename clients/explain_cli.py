@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_bytes, atomic_write_text
 from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SUFFIX, EXPLAIN_TARGET, INPUT_NAME,
                                 OUTPUT_PROBABILITIES)
@@ -166,14 +167,10 @@ def _infer_with_retry(pool: ServerPool, model: str, inputs, outputs, timeout_s: 
 def contact_sheet_png(explanations: Sequence[Explanation], model: str = "") -> bytes:
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     n = len(explanations)
-    fig, axes = plt.subplots(n, 2, figsize=(5.2, 2.6 * n + 0.4), dpi=90, squeeze=False)
+    fig, axes = plotting.subplots(n, 2, figsize=(5.2, 2.6 * n + 0.4), dpi=90, squeeze=False)
     for row, ex in zip(axes, explanations):
         row[0].imshow(ex.frame)
         try:
@@ -189,11 +186,7 @@ def contact_sheet_png(explanations: Sequence[Explanation], model: str = "") -> b
         for ax in row:
             ax.axis("off")
     fig.suptitle(f"Grad-CAM++ {model}: decision aid, not a diagnosis", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return plotting.png_bytes(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

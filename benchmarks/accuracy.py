@@ -18,8 +18,9 @@ import numpy as np
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from morphocam.datasets import datasets_root
 
-from .paper import PAPER_TABLE
+from .paper import PAPER_AUC, PAPER_TABLE
 
 # The ablation ladder of the paper, each row adding one component.
 ABLATION: dict[str, dict] = {
@@ -36,7 +37,8 @@ ABLATION: dict[str, dict] = {
 
 @dataclass
 class AccuracyConfig:
-    data_root: Path = option("folder holding hushem/ and smids/", Path("../shared/datasets"))
+    data_root: Path = option("folder holding hushem/ and smids/ (default: $MORPHOCAM_DATA, else "
+                             "../shared/datasets)", datasets_root())
     output_dir: Path = option("results folder (one sub-folder per run; existing runs are reused)",
                           Path("results/benchmarks/accuracy"))
     datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
@@ -125,6 +127,8 @@ def run(cfg: AccuracyConfig) -> dict:
             row = _row(result, run_dir(cfg, dataset, name, None))
             paper = PAPER_TABLE[name][dataset]
             row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
+            if name == "full":  # the paper reports ROC-AUC for its full model only
+                row["paper_macro_auc_ovr"] = PAPER_AUC[dataset]
             summary["single_split"].setdefault(dataset, {})[name] = row
             print(f"{dataset:7s} {name:16s} acc {row['accuracy']:.4f} (paper {paper[0]:.4f})  "
                   f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']} "

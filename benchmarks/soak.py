@@ -25,7 +25,7 @@ import numpy as np
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
-from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, InputContract
+from morphocam.contract import INPUT_DTYPE, INPUT_NAME, InputContract, explain_model_for
 from .procfs import process_table, rss_mib
 
 
@@ -70,9 +70,9 @@ class _Traffic:
                 batch = np.take(self.frames, range(start, start + n), axis=0, mode="wrap")
                 if explain:
                     batch = batch[:1]
-                inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+                inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), INPUT_DTYPE)
                 inp.set_data_from_numpy(batch)
-                model = self.cfg.model + EXPLAIN_SUFFIX if explain else self.cfg.model
+                model = explain_model_for(self.cfg.model) if explain else self.cfg.model
                 t0 = time.monotonic()
                 err = ""
                 try:
@@ -128,8 +128,8 @@ def run(cfg: SoakConfig) -> dict:
         import tritonclient.grpc as grpcclient
 
         c = grpcclient.InferenceServerClient(server.grpc_url)
-        for model in (cfg.model, cfg.model + EXPLAIN_SUFFIX):
-            inp = grpcclient.InferInput(INPUT_NAME, [1, *frames.shape[1:]], "UINT8")
+        for model in (cfg.model, explain_model_for(cfg.model)):
+            inp = grpcclient.InferInput(INPUT_NAME, [1, *frames.shape[1:]], INPUT_DTYPE)
             inp.set_data_from_numpy(frames[:1])
             c.infer(model, [inp], client_timeout=cfg.timeout_s)
         c.close()

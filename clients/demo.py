@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from morphocam.contract import EXPLAIN_SUFFIX, model_name_for
+from morphocam.contract import explain_model_for, model_name_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("hushem", "smids")
@@ -36,7 +36,7 @@ def served_models(repo: Path) -> dict[str, tuple[str, bool]]:
     for ds in DATASETS:
         name = model_name_for(ds)
         if (repo / name / "config.pbtxt").is_file():
-            found[ds] = (name, (repo / (name + EXPLAIN_SUFFIX) / "config.pbtxt").is_file())
+            found[ds] = (name, (repo / explain_model_for(name) / "config.pbtxt").is_file())
     return found
 
 

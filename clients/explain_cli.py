@@ -23,8 +23,8 @@ import numpy as np
 
 from morphocam import plotting
 from morphocam.atomic import atomic_write_bytes, atomic_write_text
-from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SUFFIX, EXPLAIN_TARGET, INPUT_NAME,
-                                OUTPUT_PROBABILITIES)
+from morphocam.contract import (DATASET_CLASSES, EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SUFFIX, EXPLAIN_TARGET,
+                                INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES, dataset_for_model, explain_model_for)
 from morphocam.preprocess import ImageDecodeError, load_frame
 
 from morphocam.clients.results_io import read_records
@@ -75,7 +75,7 @@ def explain_frames(frame_ids: Sequence[str], urls: Sequence[str], model: str, ou
     import tritonclient.grpc as grpcclient
 
     base = model.removesuffix(EXPLAIN_SUFFIX)
-    explain_model = base + EXPLAIN_SUFFIX
+    explain_model = explain_model_for(model)
     pool = ServerPool(urls, lambda u: make_grpc_client(u, ssl, root_certificates))
     try:
         info = discover_model(pool, base, deadline_s=retry_deadline_s, timeout_s=timeout_s)
@@ -102,7 +102,7 @@ def explain_frames(frame_ids: Sequence[str], urls: Sequence[str], model: str, ou
         for start in range(0, len(frames), max_batch):
             chunk = frames[start:start + max_batch]
             pixels = np.stack([p for _, p in chunk])
-            inputs = [grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8"),
+            inputs = [grpcclient.InferInput(INPUT_NAME, list(pixels.shape), INPUT_DTYPE),
                       grpcclient.InferInput(EXPLAIN_TARGET, [len(chunk), 1], "INT32")]
             inputs[0].set_data_from_numpy(pixels)
             inputs[1].set_data_from_numpy(np.full((len(chunk), 1), target_class, np.int32))
@@ -226,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--model is needed")
     target = int(args.target_class) if args.target_class.lstrip("-").isdigit() else None
     if target is None:
-        from morphocam.contract import DATASET_CLASSES
-
-        classes = DATASET_CLASSES.get(model.removeprefix("morphocam_").removesuffix(EXPLAIN_SUFFIX), ())
+        classes = DATASET_CLASSES.get(dataset_for_model(model), ())
         if args.target_class not in classes:
             p.error(f"--target-class {args.target_class!r} is not one of {list(classes)}")
         target = classes.index(args.target_class)

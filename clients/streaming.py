@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from morphocam.contract import (DATASET_CLASSES, INPUT_NAME, OUTPUT_PROBABILITIES)
+from morphocam.contract import DATASET_CLASSES, INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES, dataset_for_model
 from morphocam.preprocess import ImageDecodeError, load_frame
 
 from morphocam.clients.sources import Frame, iterator_frames
@@ -239,15 +239,14 @@ def discover_model(pool: ServerPool, model: str, version: str = "", deadline_s: 
                 k = _dims(out["dims"])[-1]
                 height, width = dims[0], dims[1]
                 # Class names: the classification extension reads them from the model's label file.
-                probe = grpcclient.InferInput(INPUT_NAME, [1, height, width, 3], "UINT8")
+                probe = grpcclient.InferInput(INPUT_NAME, [1, height, width, 3], INPUT_DTYPE)
                 probe.set_data_from_numpy(np.zeros((1, height, width, 3), np.uint8))
                 res = ep.client.infer(model, [probe], model_version=version,
                                       outputs=[grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES, class_count=k)],
                                       client_timeout=timeout_s)
                 classes = parse_classification(res.as_numpy(OUTPUT_PROBABILITIES), k)
                 if classes is None:
-                    suffix = model.removeprefix("morphocam_").removesuffix("_explain")
-                    classes = DATASET_CLASSES.get(suffix) or tuple(f"class_{i}" for i in range(k))
+                    classes = DATASET_CLASSES.get(dataset_for_model(model)) or tuple(f"class_{i}" for i in range(k))
                 return ModelInfo(name=model, height=height, width=width, classes=tuple(classes),
                                  max_batch_size=int(cfg.get("max_batch_size", 0)) or 1,
                                  version=str(res.get_response().model_version))
@@ -489,7 +488,7 @@ class StreamingClassifier:
         try:
             import tritonclient.grpc as grpcclient
 
-            inp = grpcclient.InferInput(INPUT_NAME, list(batch.pixels.shape), "UINT8")
+            inp = grpcclient.InferInput(INPUT_NAME, list(batch.pixels.shape), INPUT_DTYPE)
             inp.set_data_from_numpy(batch.pixels)
             out = [grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES)]
             sent = time.monotonic()

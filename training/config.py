@@ -8,12 +8,17 @@ from typing import Optional
 
 from morphocam.config import option
 from morphocam.contract import DEFAULT_INPUT_SIZE
+from morphocam.datasets import dataset_dir
+
+DEFAULT_DATASET = "hushem"
 
 
 @dataclass
 class TrainConfig:
-    data_dir: Path = option("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
-    dataset: str = option("dataset name; known names (smids, hushem) fix the class order", "")
+    data_dir: Optional[Path] = option("class-per-folder dataset root (default: $MORPHOCAM_DATA/<dataset>, "
+                                      "else ../shared/datasets/<dataset>)", None)
+    dataset: str = option("dataset name; known names (smids, hushem) fix the class order (default: the "
+                          "data folder's name, or hushem when no --data-dir is given)", "")
     output_dir: Path = option("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
     arch: str = option("'simplecnn' or any timm backbone name", "efficientnet_b0")
     cbam: bool = option("CBAM on the final feature map", True)
@@ -52,6 +57,9 @@ class TrainConfig:
             raise ValueError("mixup_alpha >= 0 and 0 <= label_smoothing < 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.data_dir is None:
+            self.dataset = self.dataset or DEFAULT_DATASET
+            self.data_dir = dataset_dir(self.dataset)
         self.data_dir = Path(self.data_dir)
         self.output_dir = Path(self.output_dir)
         if not self.dataset:

@@ -7,12 +7,26 @@ both re-derived from the checkpoint's own recipe (same seed, same split).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
+
+
+@dataclass
+class CalibrationConfig:
+    """Options of ``morphocam-bench calibration``."""
+
+    checkpoint: list[Path] = option("checkpoint file(s); repeat the flag for several", [], repeat=True,
+                                    required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoints were trained on", None,
+                                      required=True)
+    output_dir: Path = option("results folder", Path("results/benchmarks/calibration"))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -74,6 +88,11 @@ def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:
     _plot(before, after, out["test"], t, output_dir / f"{name}.png", result["dataset"])
     print(f"{result['dataset']}: T={t:.3f}  ECE test {result['ece_test_before']:.4f} -> {result['ece_test_after']:.4f}")
     return result
+
+
+def run_all(cfg: CalibrationConfig) -> dict:
+    """``morphocam-bench calibration``: one calibration run per checkpoint, keyed by checkpoint path."""
+    return {str(ckpt): run(ckpt, cfg.data_dir, cfg.output_dir) for ckpt in cfg.checkpoint}
 
 
 def _plot(before, after, labels, t, path, title, bins=10):

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
+
+
+@dataclass
+class ExplanationsConfig:
+    """Options of ``morphocam-bench explanations``."""
+
+    checkpoint: list[Path] = option("checkpoint file(s), e.g. the CBAM model and the plain baseline; repeat "
+                                    "the flag for several", [], repeat=True, required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoints were trained on", None,
+                                      required=True)
+    output_dir: Path = option("results folder", Path("results/benchmarks/explanations"))
+    limit: Optional[int] = option("at most this many test frames per checkpoint", None)
+    frac: float = option("fraction of pixels deleted by the faithfulness test", 0.2)
 
 
 def test_frames(checkpoint: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -56,6 +72,11 @@ def run(checkpoints: list[Path], data_dir: Path, output_dir: Path, frac: float =
     atomic_write_text(output_dir / "explanations.json", json.dumps(rows, indent=2) + "\n")
     _plot(rows, output_dir / "explanations.png", frac)
     return rows
+
+
+def run_all(cfg: ExplanationsConfig) -> dict:
+    """``morphocam-bench explanations``."""
+    return run(cfg.checkpoint, cfg.data_dir, cfg.output_dir, frac=cfg.frac, limit=cfg.limit)
 
 
 def _plot(rows: dict, path: Path, frac: float) -> None:

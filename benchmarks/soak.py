@@ -183,6 +183,13 @@ def run(cfg: SoakConfig) -> dict:
     return result
 
 
+def passed(result: dict) -> bool:
+    """The soak's verdict (the command's exit status): no failed request, RSS growth within the bound,
+    no shared-memory segment left behind."""
+    return bool(result["failed_requests"] == 0 and result.get("rss_within_bound")
+                and not result["shm_segments_after_shutdown"])
+
+
 def _plot(result: dict, base, mixed, path: Path) -> None:
     fig, (a, b) = plotting.subplots(1, 2, figsize=(11, 4))
     for recs, label in ((base, "classify, alone"), (mixed, "classify, with explain load")):

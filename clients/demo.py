@@ -8,13 +8,14 @@ says where everything was written (default ``out/demo/``), and stops the server.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from morphocam.config import option, parse_config
 from morphocam.contract import explain_model_for, model_name_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +41,19 @@ def served_models(repo: Path) -> dict[str, tuple[str, bool]]:
     return found
 
 
+@dataclass
+class DemoConfig:
+    """Every option of ``morphocam-demo``."""
+
+    model_repository: Path = option("Triton model repository to serve", PROJECT_ROOT / "model_repository")
+    samples: Path = option("folder holding one sub-folder of frames per dataset", PROJECT_ROOT / "samples")
+    output_dir: Path = option("where results, reports and explanations go", Path("out/demo"))
+    explain: int = option("explain this many least-confident frames per model", 3)
+    batch_size: int = option("frames per request", 8)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="morphocam-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
-    p.add_argument("--samples", type=Path, default=PROJECT_ROOT / "samples")
-    p.add_argument("--output-dir", type=Path, default=Path("out/demo"))
-    p.add_argument("--explain", type=int, default=3, help="explain this many least-confident frames per model")
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args(argv)
+    args = parse_config(DemoConfig, argv, __doc__, prog="morphocam-demo")
 
     repo = args.model_repository
     if not repo.is_dir():

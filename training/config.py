@@ -64,3 +64,15 @@ class TrainConfig:
         self.output_dir = Path(self.output_dir)
         if not self.dataset:
             self.dataset = self.data_dir.name.lower()
+
+
+@dataclass
+class EvaluateConfig:
+    """Every option of ``morphocam-evaluate``."""
+
+    checkpoint: Optional[Path] = option("checkpoint file (model.safetensors)", None, required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoint was trained on", None,
+                                      required=True)
+    split: str = option("which part of the checkpoint's own seeded split to score", "test",
+                        choices=("train", "val", "test"))
+    output_dir: Optional[Path] = option("write eval_<split>.json and plots here", None)

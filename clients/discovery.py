@@ -15,6 +15,8 @@ from morphocam.clients.server_pool import ServerPool
 
 @dataclass
 class ModelInfo:
+    """What a client learns about a served model: input size, class order, batch limit, version."""
+
     name: str
     height: int
     width: int

@@ -17,10 +17,12 @@ from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from morphocam.datasets import datasets_root
 
-from .paper import PAPER_TABLE
+from .paper import PAPER_AUC, PAPER_TABLE
 
 # The ablation ladder of the paper, each row adding one component.
 ABLATION: dict[str, dict] = {
@@ -37,7 +39,8 @@ ABLATION: dict[str, dict] = {
 
 @dataclass
 class AccuracyConfig:
-    data_root: Path = option("folder holding hushem/ and smids/", Path("../shared/datasets"))
+    data_root: Path = option("folder holding hushem/ and smids/ (default: $MORPHOCAM_DATA, else "
+                             "../shared/datasets)", datasets_root())
     output_dir: Path = option("results folder (one sub-folder per run; existing runs are reused)",
                           Path("results/benchmarks/accuracy"))
     datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
@@ -152,6 +155,8 @@ def run(cfg: AccuracyConfig) -> dict:
             row = _row(result, run_dir(cfg, dataset, name, None))
             paper = PAPER_TABLE[name][dataset]
             row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
+            if name == "full":  # the paper reports ROC-AUC for its full model only
+                row["paper_macro_auc_ovr"] = PAPER_AUC[dataset]
             summary["single_split"].setdefault(dataset, {})[name] = row
             print(f"{dataset:7s} {name:16s} acc {row['accuracy']:.4f} (paper {paper[0]:.4f})  "
                   f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']} "
@@ -174,13 +179,8 @@ def run(cfg: AccuracyConfig) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(summary["single_split"])
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
+    fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = summary["single_split"][ds]
         names = list(rows)
@@ -198,9 +198,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds}: test accuracy")
         ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def smoke_config(tmp: Path, data_root: Path) -> AccuracyConfig:

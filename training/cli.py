@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 from morphocam.config import parse_config
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig
+from .config import EvaluateConfig, TrainConfig
 from .data import DatasetError
 
 
@@ -40,13 +38,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="morphocam-evaluate",
-                                     description="Score a checkpoint on its own seeded split of a dataset.")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test")
-    parser.add_argument("--output-dir", type=Path, default=None, help="write eval_<split>.json and plots here")
-    args = parser.parse_args(argv)
+    args = parse_config(EvaluateConfig, argv, "Score a checkpoint on its own seeded split of a dataset.",
+                        prog="morphocam-evaluate")
     from .trainer import evaluate_checkpoint
 
     try:

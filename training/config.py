@@ -8,12 +8,17 @@ from typing import Optional
 
 from morphocam.config import option
 from morphocam.contract import DEFAULT_INPUT_SIZE
+from morphocam.datasets import dataset_dir
+
+DEFAULT_DATASET = "hushem"
 
 
 @dataclass
 class TrainConfig:
-    data_dir: Path = option("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
-    dataset: str = option("dataset name; known names (smids, hushem) fix the class order", "")
+    data_dir: Optional[Path] = option("class-per-folder dataset root (default: $MORPHOCAM_DATA/<dataset>, "
+                                      "else ../shared/datasets/<dataset>)", None)
+    dataset: str = option("dataset name; known names (smids, hushem) fix the class order (default: the "
+                          "data folder's name, or hushem when no --data-dir is given)", "")
     output_dir: Path = option("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
     arch: str = option("'simplecnn' or any timm backbone name", "efficientnet_b0")
     cbam: bool = option("CBAM on the final feature map", True)
@@ -61,9 +66,24 @@ class TrainConfig:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.data_dir is None:
+            self.dataset = self.dataset or DEFAULT_DATASET
+            self.data_dir = dataset_dir(self.dataset)
         self.data_dir = Path(self.data_dir)
         self.output_dir = Path(self.output_dir)
         if self.resume is not None:
             self.resume = Path(self.resume)
         if not self.dataset:
             self.dataset = self.data_dir.name.lower()
+
+
+@dataclass
+class EvaluateConfig:
+    """Every option of ``morphocam-evaluate``."""
+
+    checkpoint: Optional[Path] = option("checkpoint file (model.safetensors)", None, required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoint was trained on", None,
+                                      required=True)
+    split: str = option("which part of the checkpoint's own seeded split to score", "test",
+                        choices=("train", "val", "test"))
+    output_dir: Optional[Path] = option("write eval_<split>.json and plots here", None)

@@ -19,7 +19,6 @@ Writes ``trust.json`` and ``trust_<dataset>.png`` under the output folder and pr
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -29,8 +28,10 @@ from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from morphocam.stats import wilson_interval
 from morphocam.contract import (INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
                                 OUTPUT_PROBABILITIES)
 
@@ -50,16 +51,6 @@ class TrustBenchConfig:
     latency_batch: int = option("batch of the latency comparison", 8)
     latency_seconds: float = option("seconds per latency measurement", 3.0)
     threads: int = option("threads for PyTorch and ONNX Runtime (0 = all cores)", 0)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def _other_dataset_frames(root: Path, dataset: str, size: tuple[int, int], n: int) -> tuple[np.ndarray, str]:
@@ -173,7 +164,7 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
                         "reliability_before": TM.reliability_bins(before, test.labels),
                         "reliability_after": TM.reliability_bins(after, test.labels)},
         "conformal": {"nominal": cfg.coverage, "coverage": covered / len(test.labels),
-                      "coverage_ci95": wilson(covered, len(test.labels)), "mean_set_size": float(sets.sum(1).mean()),
+                      "coverage_ci95": wilson_interval(covered, len(test.labels)), "mean_set_size": float(sets.sum(1).mean()),
                       "set_size_counts": {int(k): int(v) for k, v in zip(*np.unique(sets.sum(1), return_counts=True))},
                       "lam": params.lam, "qhat": params.qhat},
     }
@@ -236,12 +227,8 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
 
 
 def _plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    plt = plotting.pyplot()
+    fig, axes = plotting.subplots(1, 3, figsize=(15, 4.3))
     ax = axes[0]
     for key, label in (("reliability_before", "T = 1"), ("reliability_after", f"T = {res['calibration']['temperature']:.2f}")):
         pts = res["calibration"][key]
@@ -277,9 +264,7 @@ def _plot(res: dict, path: Path) -> None:
     ax.set(xlabel="severity (0 = clean)", ylabel="accuracy (solid) / flagged OOD (dashed)", ylim=(0, 1.02),
            title=f"corruptions ({res['corruptions']['images']} test frames)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.save(fig, path, dpi=100)
 
 
 def table(results: list[dict]) -> str:

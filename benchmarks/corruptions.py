@@ -88,11 +88,11 @@ def empty_frames(height: int, width: int, per_kind: int = 8, seed: int = 0) -> d
 
 
 def write_shifted_sample(clean_dir, out_dir, seed: int = 0) -> list[str]:
-    """The demo's shifted sample: every frame of ``clean_dir`` unchanged, plus two blank frames, one
-    noise frame and three heavily corrupted copies (defocus, over-exposure, motion blur at severity 3).
+    """The frames the demo mixes into the frames of ``clean_dir``: two blank frames, one noise frame and
+    three heavily corrupted copies of clean frames (defocus, over-exposure, motion blur at severity 3).
 
     ``python -m morphocam.benchmarks.corruptions samples/smids samples/smids_shifted`` wrote
-    ``samples/smids_shifted/``; the report should exclude the added frames as out-of-domain.
+    ``samples/smids_shifted/``; the report should exclude these frames as out-of-domain.
     """
     from pathlib import Path
 
@@ -102,19 +102,15 @@ def write_shifted_sample(clean_dir, out_dir, seed: int = 0) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for p in clean:
-        rgb = np.asarray(Image.open(p).convert("RGB"))
-        Image.fromarray(rgb).save(out / f"{p.stem}.png")
-        written.append(f"{p.stem}.png")
     h, w = np.asarray(Image.open(clean[0]).convert("RGB")).shape[:2]
     rng = np.random.default_rng(seed)
-    extra = {"zz_blank_black.png": np.zeros((h, w, 3), np.uint8),
-             "zz_blank_grey.png": np.full((h, w, 3), 170, np.uint8),
-             "zz_noise.png": rng.integers(0, 256, (h, w, 3)).astype(np.uint8)}
+    extra = {"blank_black.png": np.zeros((h, w, 3), np.uint8),
+             "blank_grey.png": np.full((h, w, 3), 170, np.uint8),
+             "noise.png": rng.integers(0, 256, (h, w, 3)).astype(np.uint8)}
     for i, (fn, name) in enumerate(((defocus_blur, "defocus"), (overexposure, "overexposed"),
                                     (motion_blur, "motion_blur"))):
         src = clean[i * 7 % len(clean)]
-        extra[f"zz_{name}_{src.stem}.png"] = fn(np.asarray(Image.open(src).convert("RGB")), 3)
+        extra[f"{name}_{src.stem}.png"] = fn(np.asarray(Image.open(src).convert("RGB")), 3)
     for name, img in extra.items():
         Image.fromarray(img).save(out / name)
         written.append(name)

@@ -2,7 +2,9 @@
 
 Starts ``tritonserver`` on the committed ``model_repository/`` (free loopback ports), streams
 ``samples/hushem`` through ``morphocam_hushem`` and ``samples/smids`` through ``morphocam_smids``
-with the streaming client, prints each per-sample report, explains the 3 least confident frames,
+with the streaming client — and the SMIDS samples again with the blank, noise and corrupted frames of
+``samples/smids_shifted`` mixed in, to show the report excluding the frames the model flags as
+out-of-domain — prints each per-sample report, explains the 3 least confident frames,
 says where everything was written (default ``out/demo/``), and stops the server.
 """
 
@@ -20,6 +22,8 @@ from morphocam.contract import explain_model_for, model_name_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("hushem", "smids")
+# shifted samples: name -> (the dataset whose model classifies them, folders streamed as one sample)
+SHIFTED_SAMPLES = {"smids_shifted": ("smids", ("smids", "smids_shifted"))}
 
 BUILD_HINT = """\
 The model repository {repo} {problem}.
@@ -63,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not models:
         print(BUILD_HINT.format(repo=repo, problem="holds no morphocam_<dataset> model"), file=sys.stderr)
         return 2
-    jobs = [(ds, *models[ds]) for ds in DATASETS if ds in models and (args.samples / ds).is_dir()]
+    jobs = [(ds, *models[ds], (ds,)) for ds in DATASETS if ds in models and (args.samples / ds).is_dir()]
+    jobs += [(name, *models[ds], folders) for name, (ds, folders) in SHIFTED_SAMPLES.items()
+             if ds in models and all((args.samples / f).is_dir() for f in folders)]
     for ds in DATASETS:
         if ds not in models:
             print(f"demo: {model_name_for(ds)} is not in {repo}; skipping the {ds} samples", file=sys.stderr)
@@ -93,23 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     written: list[str] = []
     try:
         print(f"demo: server ready at {server.grpc_url} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        for ds, model, has_explain in jobs:
-            folder = args.samples / ds
-            rel = Path(os.path.relpath(folder))
-            folder = folder if rel.parts[:1] == ("..",) else rel  # short, stable frame ids
+        for ds, model, has_explain, sample_folders in jobs:
+            folders = []
+            for name in sample_folders:
+                rel = Path(os.path.relpath(args.samples / name))
+                folders.append(str(args.samples / name if rel.parts[:1] == ("..",) else rel))  # short, stable ids
             results_path = out / ds / "results.jsonl"
             opts = ClientOptions(urls=(server.grpc_url,), model=model, batch_size=args.batch_size)
             classifier = StreamingClassifier(opts)
             records = []
             with ResultWriter(results_path, "jsonl", classifier.info.classes) as writer, \
-                    tqdm(total=count_inputs([str(folder)]), unit="frame", desc=model, file=sys.stderr) as bar:
-                for rec in classifier.run(expand_inputs([str(folder)])):
+                    tqdm(total=count_inputs(folders), unit="frame", desc=model, file=sys.stderr) as bar:
+                for rec in classifier.run(expand_inputs(folders)):
                     writer.write(rec)
                     records.append(rec)
                     bar.update(1)
             summary = classifier.stats.summary()
             print(format_summary(summary), file=sys.stderr)
-            report = build_report(records, classes=classifier.info.classes, sample=f"{ds} samples ({folder})")
+            report = build_report(records, classes=classifier.info.classes, sample=f"{ds} samples ({' + '.join(folders)})")
             paths = write_report(report, out / ds / "report")
             print()
             print(format_text(report))

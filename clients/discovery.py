@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from morphocam.contract import DATASET_CLASSES, INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES, dataset_for_model
+from morphocam.contract import (DATASET_CLASSES, INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES, TRUST_OUTPUTS,
+                                dataset_for_model)
 
 from morphocam.clients.errors import ServerUnavailable, is_transient, status_of
 from morphocam.clients.server_pool import ServerPool
@@ -23,6 +24,7 @@ class ModelInfo:
     classes: tuple[str, ...]
     max_batch_size: int = 32
     version: str = ""
+    trust_outputs: tuple[str, ...] = ()  # OOD_SCORE / IN_DOMAIN / PREDICTION_SET, where the model declares them
 
 
 def _dims(values) -> list[int]:
@@ -73,7 +75,8 @@ def discover_model(pool: ServerPool, model: str, version: str = "", deadline_s: 
                     classes = DATASET_CLASSES.get(dataset_for_model(model)) or tuple(f"class_{i}" for i in range(k))
                 return ModelInfo(name=model, height=height, width=width, classes=tuple(classes),
                                  max_batch_size=int(cfg.get("max_batch_size", 0)) or 1,
-                                 version=str(res.get_response().model_version))
+                                 version=str(res.get_response().model_version),
+                                 trust_outputs=tuple(o["name"] for o in cfg["output"] if o["name"] in TRUST_OUTPUTS))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except ValueError:

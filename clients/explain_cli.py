@@ -52,8 +52,12 @@ class Explanation:
 
 
 def select_from_results(records: list[dict], least_confident: int | None = None,
-                        ids: Sequence[str] | None = None) -> list[str]:
+                        ids: Sequence[str] | None = None, uncertain: bool = False) -> list[str]:
     ok = [r for r in records if r.get("status", "ok") == "ok"]
+    if uncertain:  # the frames the report lists for review: in-domain, set of more than one class
+        from morphocam.clients.trust import split_by_trust
+
+        return [r["frame_id"] for r in split_by_trust(ok).uncertain]
     if ids:
         known = {r["frame_id"] for r in records}
         missing = [i for i in ids if i not in known]
@@ -203,6 +207,8 @@ class ExplainConfig(ConnectionOptions):
     from_results: Optional[Path] = option("results file from morphocam-classify", None)
     least_confident: Optional[int] = option("explain the N least confident frames (default: 3)", None)
     ids: Optional[tuple[str, ...]] = option("frame ids from the results file", None, nargs="+", metavar="ID")
+    uncertain: bool = option("explain the frames the report lists as uncertain (conformal set of more than one "
+                             "class); pass the output folder to morphocam-report --explanations", False, switch=True)
     target_class: str = option("class name or index to explain (-1: the predicted class)", "-1")
     output_dir: Optional[Path] = option("where overlays, heatmaps and the contact sheet go", None, required=True)
     timeout_s: float = option("per-request timeout, seconds", 60.0, flag="--timeout")
@@ -212,8 +218,8 @@ class ExplainConfig(ConnectionOptions):
         self.check_certificates()
         if bool(self.paths) == bool(self.from_results):
             raise ValueError("give either PATHS or --from-results")
-        if (self.least_confident or self.ids) and not self.from_results:
-            raise ValueError("--least-confident and --ids need --from-results")
+        if (self.least_confident or self.ids or self.uncertain) and not self.from_results:
+            raise ValueError("--least-confident, --ids and --uncertain need --from-results")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_results:
         records = read_records(args.from_results)
         try:
-            ids = select_from_results(records, args.least_confident, args.ids)
+            ids = select_from_results(records, args.least_confident, args.ids, args.uncertain)
         except ValueError as exc:
             parser.error(str(exc))
         if model is None:

@@ -6,7 +6,11 @@ Counting rules:
   reported separately;
 * classes in ``morphocam.contract.NON_CELL_CLASSES`` (SMIDS ``Non-Sperm``) are not cells: they
   are counted but excluded from the denominator ("cells assessed");
-* normal forms are the classes in ``morphocam.contract.NORMAL_CLASSES``.
+* normal forms are the classes in ``morphocam.contract.NORMAL_CLASSES``;
+* the served trust outputs decide which frames count (:mod:`morphocam.clients.trust`):
+  out-of-domain frames are excluded and listed; above ``max_ood_share`` of them no % normal is given
+  (assess the sample by hand); frames whose conformal set holds more than one class are "uncertain",
+  listed for review and left out of the % normal and the WHO flag, which use trusted cells only.
 
 WHO laboratory manual, 6th edition (2021): the lower reference limit for normal forms is 4%;
 assessing at least 200 spermatozoa is recommended.
@@ -26,6 +30,8 @@ from morphocam import plotting
 from morphocam.contract import NON_CELL_CLASSES, NORMAL_CLASSES
 from morphocam.stats import wilson_interval
 
+from morphocam.clients.trust import MAX_OOD_SHARE, ood_listing, split_by_trust, uncertain_listing
+
 WHO_NORMAL_LOWER_LIMIT_PCT = 4.0
 WHO_MIN_CELLS = 200
 DISCLAIMER = ("Decision aid only, not a diagnosis: an automated classification of the submitted images "
@@ -33,20 +39,23 @@ DISCLAIMER = ("Decision aid only, not a diagnosis: an automated classification o
               "analysis performed to the WHO laboratory manual.")
 
 
-def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, sample: str = "") -> dict:
+def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, sample: str = "",
+                 max_ood_share: float = MAX_OOD_SHARE, explanations: dict[str, str] | None = None) -> dict:
     records = list(records)
-    ok = [r for r in records if r.get("status", "ok") == "ok"]
+    classified = [r for r in records if r.get("status", "ok") == "ok"]
     errors = [r for r in records if r.get("status", "ok") != "ok"]
+    trust = split_by_trust(classified)
+    ok = trust.trusted  # what the counts, the % normal and the WHO flag are computed on
     counts = Counter(r["predicted_class"] for r in ok)
     if classes is None:
         seen: list[str] = []
-        for r in ok:
+        for r in classified:
             for c in (r.get("probabilities") or {}):
                 if c not in seen:
                     seen.append(c)
         classes = seen or sorted(counts)
     classes = list(classes) + sorted(c for c in counts if c not in classes)
-    models = sorted({f"{r.get('model', '')}:{r.get('model_version', '')}".strip(":") for r in ok})
+    models = sorted({f"{r.get('model', '')}:{r.get('model_version', '')}".strip(":") for r in classified})
     non_cell = [c for c in classes if c in NON_CELL_CLASSES]
     normal = [c for c in classes if c in NORMAL_CLASSES]
     cells = sum(counts[c] for c in classes if c not in NON_CELL_CLASSES)
@@ -60,14 +69,21 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
             "pct_of_cells": round(100.0 * counts[c] / cells, 2) if (cells and is_cell) else None,
         })
     flags: list[str] = []
-    normal_pct = ci = None
+    normal_pct = ci = normal_range = None
     who_status = "not assessable"
-    if not normal:
+    ood_share = trust.ood_share()
+    hand = bool(trust.out_of_domain) and ood_share > max_ood_share
+    if hand:
+        flags.append(f"{len(trust.out_of_domain)} of {len(classified)} classified frames ({100 * ood_share:.0f}%, more than "
+                     f"{100 * max_ood_share:.0f}%) look unlike the images the model was trained on: no % normal forms is "
+                     "given; the sample must be assessed by hand")
+    elif not normal:
         flags.append("the model has no normal-form class: % normal forms is not defined")
     elif cells == 0:
         flags.append("no cells assessed: % normal forms is not defined")
     else:
         normal_pct = 100.0 * n_normal / cells
+        normal_range = _range_if_resolved(n_normal, cells, trust.uncertain, normal)
         lo, hi = wilson_interval(n_normal, cells)
         ci = [round(100 * lo, 2), round(100 * hi, 2)]
         if normal_pct < WHO_NORMAL_LOWER_LIMIT_PCT:
@@ -79,7 +95,16 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
         if ci[0] < WHO_NORMAL_LOWER_LIMIT_PCT <= ci[1]:
             flags.append(f"the 95% CI ({ci[0]}–{ci[1]}%) spans the {WHO_NORMAL_LOWER_LIMIT_PCT:g}% limit: "
                          "the classification against the limit is uncertain")
-    if cells < WHO_MIN_CELLS:
+    if trust.out_of_domain and not hand:
+        flags.append(f"{len(trust.out_of_domain)} frame(s) look unlike the training images (out-of-domain) and are "
+                     "excluded from every count")
+    if trust.uncertain:
+        flags.append(f"{len(trust.uncertain)} frame(s) are uncertain (their conformal prediction set holds more than "
+                     "one class): listed for review, not counted in the % normal forms")
+    if trust.without_flag and trust.without_flag == len(classified):
+        flags.append("the model returned no in-domain flag or prediction set (exported without trust outputs): "
+                     "every classified frame is counted")
+    if cells < WHO_MIN_CELLS and not hand:
         flags.append(f"only {cells} cells assessed; the WHO manual recommends at least {WHO_MIN_CELLS}")
     if errors:
         flags.append(f"{len(errors)} frame(s) could not be classified and are excluded")
@@ -90,7 +115,13 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "frames": len(records),
-        "classified": len(ok),
+        "classified": len(classified),
+        "trusted": len(ok),
+        "out_of_domain": len(trust.out_of_domain),
+        "out_of_domain_share": round(ood_share, 4),
+        "max_out_of_domain_share": max_ood_share,
+        "assess_by_hand": hand,
+        "uncertain": len(trust.uncertain),
         "errors": len(errors),
         "non_cell_classes": non_cell,
         "non_cells": sum(counts[c] for c in non_cell),
@@ -99,6 +130,7 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
         "normal_forms": n_normal,
         "normal_forms_pct": round(normal_pct, 2) if normal_pct is not None else None,
         "normal_forms_ci95_pct": ci,
+        "normal_forms_pct_if_uncertain_resolved": normal_range,
         "ci_method": "Wilson score interval, 95%",
         "who_reference": {"edition": "WHO laboratory manual, 6th edition (2021)",
                           "normal_forms_lower_limit_pct": WHO_NORMAL_LOWER_LIMIT_PCT,
@@ -106,8 +138,20 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
         "flags": flags,
         "classes": per_class,
         "error_frames": [{"frame_id": r["frame_id"], "error": r.get("error", "")} for r in errors],
+        "out_of_domain_frames": ood_listing(trust.out_of_domain),
+        "uncertain_frames": uncertain_listing(trust.uncertain, explanations),
         "disclaimer": DISCLAIMER,
     }
+
+
+def _range_if_resolved(n_normal: int, cells: int, uncertain: list[dict], normal: list[str]) -> list[float] | None:
+    """% normal forms if every uncertain cell were resolved against / towards a normal class in its set."""
+    cells_u = [r for r in uncertain if r.get("predicted_class") not in NON_CELL_CLASSES]
+    if not cells_u:
+        return None
+    maybe_normal = sum(1 for r in cells_u if set(r.get("prediction_set") or []) & set(normal))
+    total = cells + len(cells_u)
+    return [round(100.0 * n_normal / total, 2), round(100.0 * (n_normal + maybe_normal) / total, 2)]
 
 
 def bar_chart_png(report: dict) -> bytes:
@@ -139,7 +183,10 @@ def render_html(report: dict, chart_png: bytes | None = None) -> str:
         f"</td><td>{c['count']}</td><td>{pct_cell(c)}</td></tr>" for c in report["classes"])
     pct = report["normal_forms_pct"]
     ci = report["normal_forms_ci95_pct"]
-    normal_line = ("not defined" if pct is None else f"{pct:.1f}% (95% CI {ci[0]:.1f}–{ci[1]:.1f}%, Wilson)")
+    normal_line = ("not given: the sample must be assessed by hand" if report.get("assess_by_hand") else
+                   "not defined" if pct is None else f"{pct:.1f}% (95% CI {ci[0]:.1f}–{ci[1]:.1f}%, Wilson)")
+    rng = report.get("normal_forms_pct_if_uncertain_resolved")
+    range_line = ("" if not rng else f"<p>With the uncertain cells resolved either way: {rng[0]:.1f}–{rng[1]:.1f}%.</p>")
     flags = "".join(f"<li>{e(f)}</li>" for f in report["flags"]) or "<li>none</li>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>morphocam report {e(report['sample'])}</title>
@@ -152,15 +199,42 @@ td:first-child,th:first-child{{text-align:left}}.aid{{background:#fff3cd;border:
 <p>Sample: {e(report['sample']) or '(unnamed)'} &middot; model(s): {e(', '.join(report['models']) or '-')}
 &middot; generated {e(report['generated'])}</p>
 <h2>Normal forms: {e(normal_line)}</h2>
-<p>Cells assessed: <strong>{report['cells_assessed']}</strong> (frames {report['frames']}, classified
-{report['classified']}, not cells {report['non_cells']}, unreadable {report['errors']}).
+{range_line}<p>Trusted cells assessed: <strong>{report['cells_assessed']}</strong> (frames {report['frames']}, classified
+{report['classified']}, out-of-domain {report.get('out_of_domain', 0)}, uncertain {report.get('uncertain', 0)},
+trusted {report.get('trusted', report['classified'])}, of which not cells {report['non_cells']}; unreadable {report['errors']}).
 WHO 6th edition: {e(report['who_reference']['status'])} (lower reference limit
 {report['who_reference']['normal_forms_lower_limit_pct']:g}% normal forms).</p>
 <h3>Flags</h3><ul>{flags}</ul>
 <table><tr><th>class</th><th>count</th><th>% of cells</th></tr>{rows}</table>
 <p><img alt="bar chart of predicted classes" src="data:image/png;base64,{base64.b64encode(chart).decode()}"></p>
+{_frame_tables(report)}
 </body></html>
 """
+
+
+def _frame_tables(report: dict) -> str:
+    """The out-of-domain and uncertain frames, for review (explanation overlays linked when given)."""
+    e = html.escape
+    parts = []
+    ood = report.get("out_of_domain_frames") or []
+    if ood:
+        def score(r):
+            return "" if r["ood_score"] is None else f"{r['ood_score']:.2f}"
+        rows = "".join(f"<tr><td>{e(r['frame_id'])}</td><td>{score(r)}</td><td>{e(str(r['predicted_class']))}</td></tr>"
+                       for r in ood)
+        parts.append(f"<h3>Out-of-domain frames ({len(ood)}): excluded</h3><p>OOD score 1.0 = the model's threshold; "
+                     f"higher = less like its training images.</p><table><tr><th>frame</th><th>OOD score</th>"
+                     f"<th>model's (unused) answer</th></tr>{rows}</table>")
+    unc = report.get("uncertain_frames") or []
+    if unc:
+        def expl(r):
+            return f'<a href="{e(r["explanation"])}">overlay</a>' if r.get("explanation") else ""
+        rows = "".join(f"<tr><td>{e(r['frame_id'])}</td><td>{e(', '.join(r['prediction_set']))}</td>"
+                       f"<td>{e(str(r['predicted_class']))}</td><td>{r['confidence']:.2f}</td><td>{expl(r)}</td></tr>"
+                       for r in unc)
+        parts.append(f"<h3>Uncertain frames ({len(unc)}): for review</h3><table><tr><th>frame</th>"
+                     f"<th>prediction set</th><th>top class</th><th>probability</th><th>explanation</th></tr>{rows}</table>")
+    return "\n".join(parts)
 
 
 def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
@@ -185,7 +259,12 @@ def format_text(report: dict) -> str:
         pct = c["pct_of_cells"]
         lines.append(f"    {c['class']:<16} {c['count']:>5}  " + (f"{pct:5.1f}% of cells" if pct is not None
                                                                   else "  (not a cell)"))
-    if report["normal_forms_pct"] is not None:
+    if report.get("out_of_domain") or report.get("uncertain"):
+        lines.append(f"  out-of-domain {report['out_of_domain']} (excluded)  uncertain {report['uncertain']} (for review)  "
+                     f"trusted {report['trusted']}")
+    if report.get("assess_by_hand"):
+        lines.append("  normal forms: NOT GIVEN - the sample looks unlike the training images; assess it by hand")
+    elif report["normal_forms_pct"] is not None:
         lo, hi = report["normal_forms_ci95_pct"]
         lines.append(f"  normal forms {report['normal_forms_pct']:.1f}% (95% CI {lo:.1f}-{hi:.1f}%): "
                      f"{report['who_reference']['status']}")

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 FORMATS = ("jsonl", "csv")
-CSV_FIXED = ["frame_id", "status", "predicted_class", "class_index", "confidence", "model",
-             "model_version", "server", "latency_ms", "error"]
+CSV_FIXED = ["frame_id", "status", "predicted_class", "class_index", "confidence", "in_domain", "ood_score",
+             "prediction_set", "model", "model_version", "server", "latency_ms", "error"]
+SET_SEPARATOR = "|"  # prediction_set in a CSV cell: class names joined
 
 
 def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
@@ -81,6 +82,10 @@ def csv_row_to_record(row: dict) -> dict:
     for key in ("model", "model_version", "server"):
         if row.get(key):
             rec[key] = row[key]
+    if rec["status"] == "ok" and row.get("in_domain") not in (None, ""):
+        rec["in_domain"] = row["in_domain"].lower() == "true"
+        rec["ood_score"] = float(row["ood_score"]) if row.get("ood_score") else None
+        rec["prediction_set"] = [c for c in (row.get("prediction_set") or "").split(SET_SEPARATOR) if c]
     if row.get("latency_ms"):
         rec["latency_ms"] = float(row["latency_ms"])
     return rec
@@ -124,7 +129,7 @@ class ResultWriter:
             self._write_header_if_needed(empty=True)
 
     def _columns(self) -> list[str]:
-        return CSV_FIXED[:5] + [f"p_{c}" for c in self.classes] + CSV_FIXED[5:]
+        return CSV_FIXED[:8] + [f"p_{c}" for c in self.classes] + CSV_FIXED[8:]
 
     def _write_header_if_needed(self, empty: bool) -> None:
         if self.fmt != "csv" or self._fh is None:
@@ -152,6 +157,8 @@ class ResultWriter:
                 row.append("" if v is None else f"{v:.6g}")
             else:
                 v = record.get(col)
+                if isinstance(v, list):
+                    v = SET_SEPARATOR.join(v)
                 row.append("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)))
         self._emit(_csv_line(row))
 

@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from morphocam.contract import INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES
+from morphocam.contract import (INPUT_DTYPE, INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
+                                OUTPUT_PROBABILITIES)
 from morphocam.preprocess import ImageDecodeError, load_frame
 
 from morphocam.clients.channel import grpc_channel_args, make_grpc_client
@@ -241,7 +242,7 @@ class StreamingClassifier:
 
             inp = grpcclient.InferInput(INPUT_NAME, list(batch.pixels.shape), INPUT_DTYPE)
             inp.set_data_from_numpy(batch.pixels)
-            out = [grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES)]
+            out = [grpcclient.InferRequestedOutput(name) for name in (OUTPUT_PROBABILITIES, *self.info.trust_outputs)]
             sent = time.monotonic()
             batch.servers.append(ep.url)
             ep.client.async_infer(self.info.name, [inp], callback=lambda result, error: self._done(
@@ -264,18 +265,20 @@ class StreamingClassifier:
                 if probs.shape != (len(batch.seqs), len(self.info.classes)):
                     raise ValueError(f"server returned {OUTPUT_PROBABILITIES} of shape {probs.shape}, "
                                      f"expected {(len(batch.seqs), len(self.info.classes))}")
+                trust = trust_fields(result, self.info.trust_outputs, self.info.classes, len(batch.seqs))
                 version = str(result.get_response().model_version)
             except Exception as exc:  # noqa: BLE001
                 self._finish_with_errors(batch, f"bad response from {ep.url}: {exc}")
                 return
             self.pool.mark_ok(ep)
             latency = (time.monotonic() - sent) * 1000.0
-            for seq, frame_id, p in zip(batch.seqs, batch.ids, probs):
+            for i, (seq, frame_id, p) in enumerate(zip(batch.seqs, batch.ids, probs)):
                 k = int(np.argmax(p))
                 self._deliver(seq, {
                     "frame_id": frame_id, "status": "ok", "predicted_class": self.info.classes[k],
                     "class_index": k, "confidence": round(float(p[k]), 6),
                     "probabilities": {c: round(float(v), 6) for c, v in zip(self.info.classes, p)},
+                    **trust[i],
                     "model": self.info.name, "model_version": version, "server": ep.url,
                     "latency_ms": round(latency, 3), "attempts": batch.attempt + 1})
             self._in_flight.release()
@@ -308,6 +311,26 @@ class StreamingClassifier:
         for seq, frame_id in zip(batch.seqs, batch.ids):
             self._deliver(seq, error_record(frame_id, reason, self.info.name))
         self._in_flight.release()
+
+
+def trust_fields(result, names: Sequence[str], classes: Sequence[str], n: int) -> list[dict]:
+    """Per frame: ``in_domain``, ``ood_score`` and ``prediction_set`` (class names) from the served
+    trust outputs the model declares (an empty dict per frame for a model without them)."""
+    rows: list[dict] = [{} for _ in range(n)]
+    for name in names:
+        value = result.as_numpy(name)
+        if value is None or len(value) != n:
+            raise ValueError(f"server returned {name} for {None if value is None else len(value)} frames, expected {n}")
+        for row, v in zip(rows, value):
+            if name == OUTPUT_IN_DOMAIN:
+                row["in_domain"] = bool(v[0])
+            elif name == OUTPUT_OOD_SCORE:
+                row["ood_score"] = round(float(v[0]), 4)
+            elif name == OUTPUT_PREDICTION_SET:
+                if len(v) != len(classes):
+                    raise ValueError(f"server returned {name} with {len(v)} classes, expected {len(classes)}")
+                row["prediction_set"] = [c for c, inside in zip(classes, v) if inside]
+    return rows
 
 
 def classify_frames(frames: Iterable, urls: Sequence[str] | str = ("127.0.0.1:8001",),

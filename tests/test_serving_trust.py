@@ -22,9 +22,12 @@ MODEL = model_name_for("hushem")
 TRUST = ("PROBABILITIES", "OOD_SCORE", "IN_DOMAIN", "PREDICTION_SET")
 
 
-def _ask(client, frames):
-    res = infer(client, frames, outputs=[grpcclient.InferRequestedOutput(n) for n in TRUST])
-    return {n: res.as_numpy(n) for n in TRUST}
+def _ask(client, frames, batch: int = 16):
+    parts = []
+    for i in range(0, len(frames), batch):  # within the model's max_batch_size
+        res = infer(client, frames[i:i + batch], outputs=[grpcclient.InferRequestedOutput(n) for n in TRUST])
+        parts.append({n: res.as_numpy(n) for n in TRUST})
+    return {n: np.concatenate([p[n] for p in parts]) for n in TRUST}
 
 
 def test_test_split_frames_are_in_domain_and_sets_hold_the_prediction(client, contract):

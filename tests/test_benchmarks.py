@@ -131,3 +131,20 @@ def test_serving_variant_overrides_only_the_copy(serving_repository, tmp_path):
     assert describe(serving_repository / "morphocam_hushem" / "config.pbtxt")["instances"] == 2
     assert variant.label() == "openvino/fp32, 3x1, delay 750 us, preferred [4, 8]"
     assert ServingVariant().is_default() and ServingVariant().label() == "as released"
+
+
+def test_trust_benchmark_smoke(hushem_dir, repo_root, tmp_path):
+    """The trust benchmark on the released HuSHem model, small: JSON + PNG, the graph equals the reference."""
+    from morphocam.benchmarks.trust import TrustBenchConfig, run
+
+    ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
+    cfg = TrustBenchConfig(checkpoints=[ckpt], data_root=hushem_dir.parent, output_dir=tmp_path, cross_images=16,
+                           corruption_images=8, latency_seconds=0.5, latency_batch=4)
+    (res,) = run(cfg)
+    assert (tmp_path / "trust.json").is_file() and (tmp_path / "trust_hushem.png").is_file()
+    g = res["graph_vs_reference"]
+    assert g["in_domain_mismatches"] == 0 and g["set_mismatches"] == 0 and g["max_abs_prob_diff"] < 1e-4
+    assert res["corruptions"]["images"] == 8 and len(res["corruptions"]["rows"]) == 1 + 8 * 3
+    served = res["ood"]["comparison"]["mahalanobis_l2 (served)"]
+    assert set(served) >= {"other_dataset", "blank", "uniform_noise", "blank_and_noise"}
+    assert res["calibration"]["n_test"] == res["fit"]["data"]["sizes"]["test"]

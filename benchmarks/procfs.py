@@ -34,10 +34,10 @@ def cpu_seconds(pid: int) -> float:
 
 def process_table(server) -> dict[str, int]:
     """{"tritonserver": pid, "stub:<model>:<pid>": pid, ...} for the server and its backend stubs."""
-    from morphocam.serving.launcher import _children
+    from morphocam.serving.processes import descendants
 
     table = {"tritonserver": server.pid}
-    for child in _children(server.pid):
+    for child in descendants(server.pid):
         try:
             cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:

@@ -207,9 +207,9 @@ def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract,
 
 # ------------------------------------------------------------------ lifecycle
 def _descendants(pid: int) -> list[int]:
-    from morphocam.serving.launcher import _children
+    from morphocam.serving.processes import descendants
 
-    return _children(pid)
+    return descendants(pid)
 
 
 def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp_path):
@@ -238,6 +238,33 @@ def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp
     for p in [pid, *stubs]:
         assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
     assert not any(s.exists() for s in segments)
+
+
+def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_path):
+    """A stopped server leaves its ports' connections in TIME-WAIT; the next start must not take
+    that for "in use" (the server binds with SO_REUSEADDR, and so does the port check)."""
+    import psutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(serving_repository / MODEL, repo / MODEL)
+    first = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120)
+    with first:
+        c = grpcclient.InferenceServerClient(first.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
+    ports = (first.grpc_port, first.http_port, first.metrics_port)
+    # The precondition of the bug: sockets on these ports linger in TIME-WAIT while nothing listens.
+    lingering = [k for k in psutil.net_connections("tcp")
+                 if k.laddr and k.laddr.port in ports and k.status == psutil.CONN_TIME_WAIT]
+    assert lingering, "expected TIME-WAIT sockets on the stopped server's ports"
+    with TritonServer(repo, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2],
+                      startup_timeout=120) as again:
+        c = grpcclient.InferenceServerClient(again.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
 
 
 def test_cli_serves_until_sigint(serving_repository, tmp_path):
@@ -283,3 +310,19 @@ def test_cli_warns_on_public_host_and_rejects_missing_repository(tmp_path, capsy
     assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "warning: binding to 0.0.0.0" in err and "morphocam-export" in err
+
+
+def test_cli_public_host_with_tls_does_not_claim_there_is_no_tls(tmp_path, capsys):
+    from morphocam.serving.cli import main
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0",
+                 "--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding to 0.0.0.0" in err
+    assert "no authentication or TLS" not in err
+    assert "gRPC is encrypted (TLS)" in err and "HTTP and metrics are plaintext" in err
+    # On loopback there is nothing to warn about, with or without TLS.
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--grpc-ssl-cert", str(cert),
+                 "--grpc-ssl-key", str(key)]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -22,8 +22,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Mapping
-
 from . import processes, shm
 from .errors import PortInUseError, ServerStartError
 from .ports import LOOPBACK_HOSTS, client_host, free_port, port_is_free
@@ -47,14 +45,15 @@ class TritonServer:
                  startup_timeout: float = 180.0, stop_grace: float = 15.0, log_file: Path | str | None = None,
                  extra_args: tuple[str, ...] = (), cache_root: Path | None = None,
                  grpc_ssl_cert: Path | str | None = None, grpc_ssl_key: Path | str | None = None,
-                 require_all_models: bool = True, env: Mapping[str, str] | None = None,
+                 require_all_models: bool = True, stub_python: Path | str | None = None,
                  cwd: Path | str | None = None):
         """``grpc_ssl_cert``/``grpc_ssl_key`` (PEM files, both or neither) turn on TLS for gRPC (HTTP and
         metrics stay plaintext: keep them on loopback). ``require_all_models=False`` lets the server come
         up when some models fail to load (``--exit-on-error=false``): readiness then waits until every
         model has a final state and at least one is READY; the failures are in :attr:`failed_models`.
-        ``env`` holds variables set (over this process's environment) for the server and its stubs, and
-        ``cwd`` its working directory (default: ours)."""
+        ``stub_python`` is the ``python3`` of the environment the Python-backend stubs run in (same minor
+        version as this one; default: this interpreter's), ``cwd`` the server's working directory, which
+        the stubs put on ``sys.path`` (default: ours)."""
         if (grpc_ssl_cert is None) != (grpc_ssl_key is None):
             raise ValueError("give both grpc_ssl_cert and grpc_ssl_key (PEM files) for gRPC TLS, or neither")
         self.grpc_ssl_cert = Path(grpc_ssl_cert).resolve() if grpc_ssl_cert else None
@@ -71,7 +70,7 @@ class TritonServer:
         self.stop_grace = stop_grace
         self.extra_args = tuple(extra_args)
         self.cache_root = cache_root
-        self.env = dict(env or {})
+        self.stub_python = Path(stub_python) if stub_python else None
         self.cwd = Path(cwd) if cwd else None
         self.shm_prefix = shm.new_prefix()
         self._own_log = log_file is None
@@ -143,7 +142,7 @@ class TritonServer:
         self._install = TritonInstall.find()
         self.check_ports()
         shm.cleanup_stale()
-        env = {**self._install.environment(), **self.env}
+        env = self._install.environment(stub_python=self.stub_python)
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             # Own session: a terminal's Ctrl-C goes to us, and stop() can signal the whole group.

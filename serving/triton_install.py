@@ -7,10 +7,14 @@ ONNX Runtime backend. What the binary needs on a CPU box (see ``../shared/NOTES.
   + the stub for this interpreter's version (assembled once, as symlinks, in a cache folder);
 - ``LD_LIBRARY_PATH`` = the wheel's ``nvidia_pytriton.libs`` (libtritonserver, libcudart stubs...)
   followed by this interpreter's ``LIBDIR`` (else the stub picks the system libpython);
-- ``PATH`` starting with this environment's ``bin`` (the stub runs ``python3`` to find packages).
+- ``PATH`` starting with this environment's ``bin``: the stub's embedded interpreter finds its
+  prefix, hence its site-packages (numpy, onnxruntime, torch...), through the ``python3`` on ``PATH``.
 
-Nothing here puts the project on the stub's ``PYTHONPATH``: every model folder carries the code it
-runs (see ``serving/triton_models/``), as it must in a stock NGC Triton container.
+The stub's interpreter runs *isolated* (``sys.flags.isolated``: ``PYTHONPATH`` is ignored), with the
+server's working directory and the model's version folder on ``sys.path``. Nothing here adds the
+project: every model folder carries the code it runs (see ``serving/triton_models/``), as it must in
+a stock NGC Triton container. ``stub_python`` picks another environment (a venv of the same Python
+minor version) for the stubs, e.g. one with the models' packages but without the project.
 """
 
 from __future__ import annotations
@@ -97,14 +101,15 @@ class TritonInstall:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
-    def environment(self, base: dict | None = None) -> dict:
-        """``base`` (default: this process's environment) plus the loader and ``PATH`` entries above."""
+    def environment(self, base: dict | None = None, stub_python: Path | None = None) -> dict:
+        """``base`` (default: this process's environment) plus the loader and ``PATH`` entries above;
+        ``stub_python`` (default: this interpreter) is the ``python3`` whose environment the stubs use."""
         env = dict(os.environ if base is None else base)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         ld = [str(self.libs)] + ([libdir] if libdir else [])
         if env.get("LD_LIBRARY_PATH"):
             ld.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
-        bindir = str(Path(sys.executable).parent)
+        bindir = str(Path(stub_python or sys.executable).parent)
         env["PATH"] = os.pathsep.join([bindir] + [p for p in env.get("PATH", "").split(os.pathsep) if p])
         return env

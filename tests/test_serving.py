@@ -175,6 +175,92 @@ def test_explanation_default_target_without_input(client, contract):
     assert res.as_numpy("TARGET_CLASS_USED")[0, 0] == res.as_numpy("PROBABILITIES")[0].argmax()
 
 
+# ------------------------------------------------------------------ model folders stand on their own
+# Imported at start-up (a .pth line) by the stubs' environment below: inside every stub, `import morphocam`
+# fails however the project is installed (editable finder, site-packages, cwd), as in a stock NGC container.
+BLOCK_PROJECT = """
+import importlib.abc, sys
+
+class _NoMorphocam(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "morphocam" or name.startswith("morphocam."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the model folder must not need it)")
+        return None
+
+sys.meta_path.insert(0, _NoMorphocam())
+"""
+
+# A probe served beside the explainer: answers with the file `import morphocam` found, or "" if it failed.
+PROBE_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        try:
+            import morphocam
+            found = morphocam.__file__ or "namespace"
+        except ImportError:
+            found = ""
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("FOUND", np.array([found.encode()],
+                dtype=np.object_))]) for _ in requests]
+"""
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_INT32 dims: 1 }
+output { name: "FOUND" data_type: TYPE_STRING dims: 1 }
+instance_group { count: 1 kind: KIND_CPU }
+"""
+
+
+def python_without_the_project(root: Path) -> Path:
+    """A venv for the stubs: this interpreter's installed packages (torch, timm, grad-cam, numpy...) as
+    plain path entries (their .pth files, e.g. an editable install's finder, are not run), and a
+    blocker for ``morphocam``. The stub's interpreter is isolated (PYTHONPATH is ignored), so the
+    environment it starts from is the one place to take the project away."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "dependencies.pth").write_text("\n".join(packages) + "\n")
+    (site / "no_morphocam.py").write_text(BLOCK_PROJECT)
+    (site / "no_morphocam.pth").write_text("import no_morphocam\n")
+    return root / "bin" / "python3"
+
+
+def test_explain_folder_serves_without_the_project_on_the_stub_path(serving_repository, contract, tmp_path):
+    import shutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(serving_repository / EXPLAIN, repo / EXPLAIN)  # a real copy: no path back into the project
+    (repo / "probe" / "1").mkdir(parents=True)
+    (repo / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
+    (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    elsewhere = tmp_path / "cwd"  # the stubs put the server's working directory on sys.path
+    elsewhere.mkdir()
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180,
+                      stub_python=python_without_the_project(tmp_path / "venv"), cwd=elsewhere) as srv:
+        c = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            x = grpcclient.InferInput("X", [1], "INT32")
+            x.set_data_from_numpy(np.zeros(1, np.int32))
+            found = c.infer("probe", [x]).as_numpy("FOUND")[0]
+            assert found == b"", f"the stubs can import morphocam from {found!r}: the test proves nothing"
+            frames, _ = real_frames(contract, 2)
+            res = infer(c, frames, model=EXPLAIN)
+        finally:
+            c.close()
+    heat = res.as_numpy("HEATMAP")
+    assert heat.shape == (2, contract.height, contract.width) and heat.max() > 0.0
+    assert res.as_numpy("OVERLAY_PNG")[0, 0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res.as_numpy("TARGET_CLASS_USED")[:, 0] == res.as_numpy("PROBABILITIES").argmax(1)).all()
+
+
 # ------------------------------------------------------------------ bad input, then a good request
 def _bad_cases(contract):
     h, w = contract.height, contract.width

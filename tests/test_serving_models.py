@@ -226,9 +226,11 @@ def _import_folder_copy(folder: Path, module: str):
     for name in SIBLINGS:
         sys.modules.pop(name, None)
     sys.path.insert(0, str(folder))
+    sys.dont_write_bytecode, before = True, sys.dont_write_bytecode  # leave no __pycache__ in the committed folder
     try:
         return importlib.import_module(module)
     finally:
+        sys.dont_write_bytecode = before
         sys.path.remove(str(folder))
         for name in SIBLINGS:
             sys.modules.pop(name, None)

@@ -4,7 +4,8 @@
   (start, wait until every model is ready, stop, clean up). It composes:
   :mod:`.triton_install` (the ``nvidia-pytriton`` wheel's binary, Python backend and environment),
   :mod:`.ports` (free ports, the in-use check), :mod:`.processes` (the stub process tree, via psutil),
-  :mod:`.shm` (the Python backend's ``/dev/shm`` segments) and :mod:`.errors`.
+  :mod:`.shm` (the Python backend's ``/dev/shm`` segments), :mod:`.health` (liveness, readiness and
+  the model index over HTTP) and :mod:`.errors`.
 - :mod:`morphocam.serving.cli` is ``morphocam-serve``.
 - ``serving/triton_models/``: the code that runs inside Triton, standalone (no ``morphocam`` imports);
   the exporter copies it into each model's version folder (classifier ``model.py``; explainer ``model.py``

@@ -6,24 +6,21 @@ SIGKILL after a grace period), reaps the backend stub processes and removes the 
 segments the Python backend created under ``/dev/shm``.
 
 The pieces it composes live in their own modules: :mod:`.triton_install` (the wheel's binary,
-backend and environment), :mod:`.ports`, :mod:`.processes` (the stub process tree), :mod:`.shm`
-and :mod:`.errors`. The names other code imports from here are re-exported below.
+backend and environment), :mod:`.ports`, :mod:`.processes` (the stub process tree), :mod:`.shm`,
+:mod:`.health` (liveness, readiness, model index over HTTP) and :mod:`.errors`. The names other code imports from here are re-exported below.
 """
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from . import processes, shm
 from .errors import PortInUseError, ServerStartError
+from .health import HealthProbe
 from .ports import LOOPBACK_HOSTS, client_host, free_port, port_is_free
 from .triton_install import TritonInstall
 
@@ -166,23 +163,15 @@ class TritonServer:
         kept = [ln for ln in text if not any(n in ln for n in LOG_NOISE)]
         return "\n".join(kept[-lines:])
 
-    def _http(self, method: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
-            return 0, b""
+    @property
+    def health(self) -> HealthProbe:
+        return HealthProbe(self.http_url)
 
     def models(self) -> list[dict]:
-        status, body = self._http("POST", "/v2/repository/index")
-        return json.loads(body) if status == 200 else []
+        return self.health.models()
 
     def is_ready(self) -> bool:
-        return self._http("GET", "/v2/health/ready")[0] == 200
+        return self.health.is_ready()
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -197,7 +186,7 @@ class TritonServer:
                 not_ready = [m for m in models if m.get("state") != "READY"]
                 if models and not not_ready:
                     return
-            elif not self.require_all_models and self._http("GET", "/v2/health/live")[0] == 200:
+            elif not self.require_all_models and self.health.is_live():
                 # Some models may have failed: wait for every model to reach a final state.
                 models = self.models()
                 if models and all(m.get("state") in ("READY", "UNAVAILABLE") for m in models):

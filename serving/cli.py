@@ -6,9 +6,10 @@
 Waits until the server and every model (warm-up included) are ready, prints the endpoints, and on
 SIGINT/SIGTERM stops the server cleanly (no stub processes or /dev/shm segments left behind).
 
-The same repository exported for the GPU target runs unchanged on NGC's container, e.g.
-``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository:/models
-nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models``.
+A repository exported for the GPU target runs on NGC's container, e.g.
+``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository_gpu:/models
+nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models``, once the explain
+models' pip packages are installed in it (README, "Serving"): the model folders carry their own code.
 """
 
 from __future__ import annotations

@@ -8,7 +8,11 @@ Layout (target ``cpu``)::
 
     <repo>/morphocam_<dataset>/          config.pbtxt, labels.txt, model_card.json, warmup/IMAGES,
                                          1/model.py, 1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
-    <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/model.safetensors(.sha256)
+    <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/explain_core.py,
+                                         1/morphocam_net.py, 1/model.safetensors(.sha256)
+
+The ``.py`` files come from ``serving/triton_models/`` (:data:`MODEL_FILES`) unchanged, so that each
+model folder runs without the project installed.
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ from . import engines as E
 from . import pbtxt
 from .config import ExportConfig
 
-CLASSIFIER_SOURCE = "classifier.py"
-EXPLAINER_SOURCE = "explainer.py"
+# Which serving source becomes which file in a model's version folder ({file in 1/: source file}).
+MODEL_FILES = {
+    "classifier": {"model.py": "classifier.py"},
+    "explainer": {"model.py": "explainer.py", "explain_core.py": "explain_core.py",
+                  "morphocam_net.py": "morphocam_net.py"},
+}
 
 
 def log(cfg: ExportConfig, msg: str) -> None:
@@ -68,12 +76,19 @@ class ModelResult:
     card: dict = field(default_factory=dict)
 
 
-def _serving_source(cfg: ExportConfig, filename: str) -> Path:
-    src = Path(cfg.serving_models_dir) / filename
-    if not src.is_file():
-        raise ExportError(f"serving model file {src} is missing: the repository needs it as 1/model.py "
-                          f"(written by the serving stage; pass --serving-models-dir)")
-    return src
+def _serving_sources(cfg: ExportConfig, kind: str) -> dict[str, Path]:
+    """{file in the version folder: its source under ``cfg.serving_models_dir``}; all must exist."""
+    sources = {dest: Path(cfg.serving_models_dir) / src for dest, src in MODEL_FILES[kind].items()}
+    for dest, src in sources.items():
+        if not src.is_file():
+            raise ExportError(f"serving model file {src} is missing: the repository needs it as 1/{dest} "
+                              f"(written by the serving stage; pass --serving-models-dir)")
+    return sources
+
+
+def _copy_sources(cfg: ExportConfig, kind: str, version_dir: Path) -> None:
+    for dest, src in _serving_sources(cfg, kind).items():
+        shutil.copyfile(src, version_dir / dest)
 
 
 def _eval_set(cfg: ExportConfig, checkpoint: Path, root: Path, contract: InputContract):
@@ -217,7 +232,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
                 raise ExportError("--precision int8 needs --measure true (INT8 is calibrated and checked there)")
             engine = "openvino" if cfg.engine == "openvino" or cfg.precision == "bf16" else "onnxruntime"
             precision = "fp32" if cfg.precision == "auto" else cfg.precision
-        shutil.copyfile(_serving_source(cfg, CLASSIFIER_SOURCE), version_dir / "model.py")
+        _copy_sources(cfg, "classifier", version_dir)
         contract.save(version_dir / "contract.json")
     elif cfg.target == "tensorrt":
         from .tensorrt_build import build_plan
@@ -272,16 +287,16 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     result = ModelResult(name, [model_dir], card)
 
-    if cfg.explain and cfg.target == "cpu":
+    if cfg.explain:
         exp_name = name + EXPLAIN_SUFFIX
         exp_dir = staging / exp_name
         (exp_dir / "1").mkdir(parents=True)
-        shutil.copyfile(_serving_source(cfg, EXPLAINER_SOURCE), exp_dir / "1" / "model.py")
+        _copy_sources(cfg, "explainer", exp_dir / "1")
         shutil.copyfile(checkpoint, exp_dir / "1" / "model.safetensors")
         (exp_dir / "1" / "model.safetensors.sha256").write_text(f"{digest}  model.safetensors\n")
         (exp_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
         exp_cfg = pbtxt.explainer_config(exp_name, contract, digest, max_batch_size=cfg.explain_max_batch_size,
-                                         queue_delay_us=cfg.explain_queue_delay_us)
+                                         queue_delay_us=cfg.explain_queue_delay_us, target=cfg.target)
         (exp_dir / "config.pbtxt").write_text(pbtxt.to_text(exp_cfg))
         result.folders.append(exp_dir)
     log(cfg, f"  {name}: done in {time.time() - t0:.1f}s")
@@ -302,9 +317,9 @@ def write_repository(cfg: ExportConfig) -> list[ModelResult]:
 
         require_tensorrt()  # before any work
     if cfg.target == "cpu":
-        _serving_source(cfg, CLASSIFIER_SOURCE)
-        if cfg.explain:
-            _serving_source(cfg, EXPLAINER_SOURCE)
+        _serving_sources(cfg, "classifier")
+    if cfg.explain:
+        _serving_sources(cfg, "explainer")
     out = Path(cfg.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))

@@ -121,12 +121,16 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
     for rel in ("config.pbtxt", "labels.txt", "model_card.json", "warmup/IMAGES", "1/model.py", "1/model.onnx",
                 "1/contract.json"):
         assert (m / rel).is_file(), rel
-    for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/model.safetensors", "1/model.safetensors.sha256"):
+    for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/explain_core.py", "1/morphocam_net.py",
+                "1/model.safetensors", "1/model.safetensors.sha256"):
         assert (e / rel).is_file(), rel
     assert (m / "labels.txt").read_text().splitlines() == list(CLASSES)
     assert (m / "warmup" / "IMAGES").stat().st_size == SIZE * SIZE * 3
-    assert (m / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/classifier.py").read_bytes()
-    assert (e / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/explainer.py").read_bytes()
+    sources = repo_root / "serving/triton_models"
+    assert (m / "1" / "model.py").read_bytes() == (sources / "classifier.py").read_bytes()
+    for dest, src in (("model.py", "explainer.py"), ("explain_core.py", "explain_core.py"),
+                      ("morphocam_net.py", "morphocam_net.py")):
+        assert (e / "1" / dest).read_bytes() == (sources / src).read_bytes(), dest
     assert InputContract.load(m / "1" / "contract.json").classes == CLASSES
     card = json.loads((m / "model_card.json").read_text())
     from morphocam.training.checkpoint import file_sha256
@@ -196,7 +200,11 @@ def test_gpu_onnx_trt_config(tmp_path, random_ckpt, hushem_dir):
     write_repository(cfg)
     m = cfg.output / "morphocam_hushem"
     assert (m / "1" / "model.onnx").is_file() and not (m / "1" / "model.py").exists()
-    assert not (cfg.output / "morphocam_hushem_explain").exists()
+    # The GPU repository's explainer runs PyTorch on the GPU instance, with the same files as on CPU.
+    e = cfg.output / "morphocam_hushem_explain"
+    ec = parse(e / "config.pbtxt")
+    assert ec.backend == "python" and [g.kind for g in ec.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert sorted(p.name for p in (e / "1").glob("*.py")) == ["explain_core.py", "model.py", "morphocam_net.py"]
     c = parse(m / "config.pbtxt")
     assert c.platform == "onnxruntime_onnx" and c.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     (acc,) = c.optimization.execution_accelerators.gpu_execution_accelerator

@@ -23,7 +23,8 @@ pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from morphocam.serving.launcher import TritonServer, _children  # noqa: E402
+from morphocam.serving.launcher import TritonServer  # noqa: E402
+from morphocam.serving.processes import command_line, descendants  # noqa: E402
 from test_serving import MODEL, real_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,11 +104,8 @@ def test_default_launcher_still_refuses_a_repository_with_a_broken_model(mixed_r
 # ------------------------------------------------------------------ killed backend stub
 def _stubs(pid: int, model: str) -> list[int]:
     out = []
-    for child in _children(pid):
-        try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for child in descendants(pid):
+        cmd = " ".join(command_line(child))
         if "triton_python_backend_stub" in cmd and f"/{model}/" in cmd:
             out.append(child)
     return out
@@ -174,7 +172,6 @@ def test_server_sigkilled_mid_stream_and_restarted(classifier_repo):
     from test_client_live import many_frames, slow
 
     srv = TritonServer(classifier_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180)
-    srv.check_ports = lambda: None  # the restart reuses the ports
     srv.start()
     port = srv.grpc_port
     frames = many_frames(48)

@@ -175,6 +175,92 @@ def test_explanation_default_target_without_input(client, contract):
     assert res.as_numpy("TARGET_CLASS_USED")[0, 0] == res.as_numpy("PROBABILITIES")[0].argmax()
 
 
+# ------------------------------------------------------------------ model folders stand on their own
+# Imported at start-up (a .pth line) by the stubs' environment below: inside every stub, `import morphocam`
+# fails however the project is installed (editable finder, site-packages, cwd), as in a stock NGC container.
+BLOCK_PROJECT = """
+import importlib.abc, sys
+
+class _NoMorphocam(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "morphocam" or name.startswith("morphocam."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the model folder must not need it)")
+        return None
+
+sys.meta_path.insert(0, _NoMorphocam())
+"""
+
+# A probe served beside the explainer: answers with the file `import morphocam` found, or "" if it failed.
+PROBE_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        try:
+            import morphocam
+            found = morphocam.__file__ or "namespace"
+        except ImportError:
+            found = ""
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("FOUND", np.array([found.encode()],
+                dtype=np.object_))]) for _ in requests]
+"""
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_INT32 dims: 1 }
+output { name: "FOUND" data_type: TYPE_STRING dims: 1 }
+instance_group { count: 1 kind: KIND_CPU }
+"""
+
+
+def python_without_the_project(root: Path) -> Path:
+    """A venv for the stubs: this interpreter's installed packages (torch, timm, grad-cam, numpy...) as
+    plain path entries (their .pth files, e.g. an editable install's finder, are not run), and a
+    blocker for ``morphocam``. The stub's interpreter is isolated (PYTHONPATH is ignored), so the
+    environment it starts from is the one place to take the project away."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "dependencies.pth").write_text("\n".join(packages) + "\n")
+    (site / "no_morphocam.py").write_text(BLOCK_PROJECT)
+    (site / "no_morphocam.pth").write_text("import no_morphocam\n")
+    return root / "bin" / "python3"
+
+
+def test_explain_folder_serves_without_the_project_on_the_stub_path(serving_repository, contract, tmp_path):
+    import shutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(serving_repository / EXPLAIN, repo / EXPLAIN)  # a real copy: no path back into the project
+    (repo / "probe" / "1").mkdir(parents=True)
+    (repo / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
+    (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    elsewhere = tmp_path / "cwd"  # the stubs put the server's working directory on sys.path
+    elsewhere.mkdir()
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180,
+                      stub_python=python_without_the_project(tmp_path / "venv"), cwd=elsewhere) as srv:
+        c = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            x = grpcclient.InferInput("X", [1], "INT32")
+            x.set_data_from_numpy(np.zeros(1, np.int32))
+            found = c.infer("probe", [x]).as_numpy("FOUND")[0]
+            assert found == b"", f"the stubs can import morphocam from {found!r}: the test proves nothing"
+            frames, _ = real_frames(contract, 2)
+            res = infer(c, frames, model=EXPLAIN)
+        finally:
+            c.close()
+    heat = res.as_numpy("HEATMAP")
+    assert heat.shape == (2, contract.height, contract.width) and heat.max() > 0.0
+    assert res.as_numpy("OVERLAY_PNG")[0, 0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res.as_numpy("TARGET_CLASS_USED")[:, 0] == res.as_numpy("PROBABILITIES").argmax(1)).all()
+
+
 # ------------------------------------------------------------------ bad input, then a good request
 def _bad_cases(contract):
     h, w = contract.height, contract.width
@@ -207,9 +293,9 @@ def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract,
 
 # ------------------------------------------------------------------ lifecycle
 def _descendants(pid: int) -> list[int]:
-    from morphocam.serving.launcher import _children
+    from morphocam.serving.processes import descendants
 
-    return _children(pid)
+    return descendants(pid)
 
 
 def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp_path):
@@ -238,6 +324,33 @@ def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp
     for p in [pid, *stubs]:
         assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
     assert not any(s.exists() for s in segments)
+
+
+def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_path):
+    """A stopped server leaves its ports' connections in TIME-WAIT; the next start must not take
+    that for "in use" (the server binds with SO_REUSEADDR, and so does the port check)."""
+    import psutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(serving_repository / MODEL, repo / MODEL)
+    first = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120)
+    with first:
+        c = grpcclient.InferenceServerClient(first.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
+    ports = (first.grpc_port, first.http_port, first.metrics_port)
+    # The precondition of the bug: sockets on these ports linger in TIME-WAIT while nothing listens.
+    lingering = [k for k in psutil.net_connections("tcp")
+                 if k.laddr and k.laddr.port in ports and k.status == psutil.CONN_TIME_WAIT]
+    assert lingering, "expected TIME-WAIT sockets on the stopped server's ports"
+    with TritonServer(repo, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2],
+                      startup_timeout=120) as again:
+        c = grpcclient.InferenceServerClient(again.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
 
 
 def test_cli_serves_until_sigint(serving_repository, tmp_path):
@@ -283,3 +396,19 @@ def test_cli_warns_on_public_host_and_rejects_missing_repository(tmp_path, capsy
     assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "warning: binding to 0.0.0.0" in err and "morphocam-export" in err
+
+
+def test_cli_public_host_with_tls_does_not_claim_there_is_no_tls(tmp_path, capsys):
+    from morphocam.serving.cli import main
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0",
+                 "--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding to 0.0.0.0" in err
+    assert "no authentication or TLS" not in err
+    assert "gRPC is encrypted (TLS)" in err and "HTTP and metrics are plaintext" in err
+    # On loopback there is nothing to warn about, with or without TLS.
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--grpc-ssl-cert", str(cert),
+                 "--grpc-ssl-key", str(key)]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -76,7 +76,7 @@ def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
 def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, real_frames):
     import onnx
 
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.parity import check_parity
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -89,7 +89,7 @@ def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, rea
     onnx.checker.check_model(onnx.load(str(f)))
     par = check_parity(net, f, real_frames, contract, tolerance=1e-4)
     assert par["max_abs_prob_diff"] <= 1e-4 and par["argmax_agreement"] == 1.0
-    runner = OrtRunner(f, threads=1)
+    runner = reference_runner(f, threads=1)
     lo1, p1 = runner(real_frames[:1])
     lo5, p5 = runner(real_frames)
     assert lo1.shape == (1, 4) and p5.shape == (5, 4) and lo5.dtype == np.float32
@@ -318,21 +318,21 @@ def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
 # ------------------------------------------------------------------ regeneration
 
 def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ckpt, hushem_dir, real_frames):
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.repository import write_repository
 
     out, _ = cpu_repo
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False)
     write_repository(cfg)
-    a = OrtRunner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
-    b = OrtRunner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    a = reference_runner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    b = reference_runner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
 def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
     """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.preprocess import load_frame
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -353,8 +353,8 @@ def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_d
         root = repo_root / root
     files = [sorted((root / c).iterdir())[0] for c in contract.classes]
     frames = np.stack([load_frame(p, contract.height, contract.width) for p in files])
-    a = OrtRunner(m / "1" / "model.onnx", 1)(frames)
-    b = OrtRunner(f, 1)(frames)
+    a = reference_runner(m / "1" / "model.onnx", 1)(frames)
+    b = reference_runner(f, 1)(frames)
     np.testing.assert_allclose(a[0], b[0], atol=1e-4)
     np.testing.assert_allclose(a[1], b[1], atol=1e-5)
 
@@ -369,7 +369,7 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule would reject it.
     """
     from morphocam.export import data as D
-    from morphocam.export.engines import OrtRunner, predict
+    from morphocam.export.engines import reference_runner, predict
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.quantize import quantize_int8
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -385,8 +385,8 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     export_onnx(net, c, f32, exporter="legacy")
     cal, _ = D.calibration_images(hushem_dir, c, test, 32)
     quantize_int8(f32, i8, cal)
-    p32 = predict(OrtRunner(f32), x)[1].argmax(1)
-    p8 = predict(OrtRunner(i8), x)[1].argmax(1)
+    p32 = predict(reference_runner(f32), x)[1].argmax(1)
+    p8 = predict(reference_runner(i8), x)[1].argmax(1)
     acc32, acc8 = np.mean(p32 == test.labels), np.mean(p8 == test.labels)
     assert acc32 - acc8 <= 0.30, (acc32, acc8)
     assert np.mean(p32 == p8) >= 0.6

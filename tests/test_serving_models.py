@@ -49,13 +49,37 @@ def fake_pb_utils() -> types.ModuleType:
     mod.TritonModelException = type("TritonModelException", (Exception,), {})
     mod.Logger = types.SimpleNamespace(log_info=lambda *a, **k: None, log_warn=lambda *a, **k: None)
     mod.get_input_tensor_by_name = lambda request, name: request.get(name)
+    mod.triton_string_to_numpy = _triton_string_to_numpy
     return mod
+
+
+def _triton_string_to_numpy(data_type: str):
+    """What the real ``pb_utils.triton_string_to_numpy`` does: ``TYPE_UINT8`` -> ``np.uint8``."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    return triton_to_np_dtype(data_type.replace("TYPE_", "").replace("STRING", "BYTES"))
+
+
+def served_config(model_dir: Path, **parameters: str) -> dict:
+    """The model's exported ``config.pbtxt`` as the JSON Triton hands ``initialize`` (int64 fields as
+    strings), with ``parameters`` overridden."""
+    from google.protobuf import json_format
+
+    from morphocam.export.pbtxt import parse
+
+    config = json_format.MessageToDict(parse(Path(model_dir) / "config.pbtxt"), preserving_proto_field_name=True)
+    for key, value in parameters.items():
+        config.setdefault("parameters", {})[key] = {"string_value": str(value)}
+    return config
 
 
 def load_model_py(model_dir: Path, config: dict, version: str = "1"):
     """Import ``<model_dir>/<version>/model.py`` as Triton would and call ``initialize``."""
     sys.modules.setdefault("triton_python_backend_utils", fake_pb_utils())
     path = Path(model_dir) / version / "model.py"
+    # The stub puts the version folder on sys.path: model.py imports the files copied beside it.
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(f"_triton_model_{Path(model_dir).name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -74,9 +98,8 @@ def _req(x, target=None):
 
 @pytest.fixture(scope="module")
 def classifier(serving_repository):
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-           "parameters": {"engine": {"string_value": "onnxruntime"}, "threads": {"string_value": "1"}}}
-    return load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    return load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", threads=1))
 
 
 def test_classifier_batch_split_and_errors_per_request(classifier, contract):
@@ -93,19 +116,17 @@ def test_classifier_batch_split_and_errors_per_request(classifier, contract):
     # The joint batch equals each request run alone.
     alone_a = classifier.execute([_req(a)])[0].out("PROBABILITIES")
     np.testing.assert_allclose(responses[0].out("PROBABILITIES"), alone_a, atol=1e-6)
-    assert responses[2].out("LOGITS").shape == (1, 4)
+    assert responses[2].out("LOGITS").shape == (1, contract.num_classes)
 
 
 def test_classifier_openvino_engine(serving_repository, contract):
     pytest.importorskip("openvino")
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1}],
-           "parameters": {"engine": {"string_value": "openvino"}, "precision": {"string_value": "fp32"},
-                          "threads": {"string_value": "1"}}}
-    ov_model = load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    ov_model = load_model_py(model_dir, served_config(model_dir, engine="openvino", precision="fp32", threads=1))
     x = np.random.default_rng(1).integers(0, 256, (3, contract.height, contract.width, 3), dtype=np.uint8)
     ov = ov_model.execute([_req(x)])[0].out("PROBABILITIES")
-    cfg["parameters"]["engine"]["string_value"] = "onnxruntime"
-    ort = load_model_py(serving_repository / "morphocam_hushem", cfg).execute([_req(x)])[0].out("PROBABILITIES")
+    ort_model = load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", precision="fp32", threads=1))
+    ort = ort_model.execute([_req(x)])[0].out("PROBABILITIES")
     assert np.abs(ov - ort).max() < 1e-4
 
 

@@ -26,7 +26,8 @@ from morphocam.export.engines import cpu_name, openvino_bf16_supported
 from morphocam.contract import InputContract
 
 from .procfs import process_table
-from .serving import _add_ratios, ceiling, inprocess, load_images, served
+from .inprocess import ceiling, inprocess, load_images
+from .load_generator import add_ratios, served
 from .variants import ServingVariant, write_variant
 
 
@@ -78,7 +79,7 @@ def run(cfg: SweepConfig) -> dict:
             with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as srv:
                 pids = list(process_table(srv.process).values())
                 for c in cfg.concurrency:
-                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, cfg.frames_per_request,
+                    row = add_ratios(served(srv.grpc_url, cfg.model, frames, c, cfg.frames_per_request,
                                              cfg.seconds, server_pids=pids), ceilings[variant.precision][0])
                     row.update(engine=variant.engine, precision=variant.precision, instances=variant.instances,
                                threads=variant.threads, queue_delay_us=variant.queue_delay_us,

@@ -20,7 +20,7 @@ from morphocam.preprocess import load_frame
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import REPO_ROOT, datasets_root, serving_checkpoint_path  # noqa: E402
+from conftest import REPO_ROOT, datasets_root, missing_data, serving_checkpoint_path  # noqa: E402
 
 MODEL = model_name_for("hushem")
 EXPLAIN = MODEL + "_explain"
@@ -38,7 +38,7 @@ def real_frames(contract: InputContract, n: int = 8) -> tuple[np.ndarray, list[s
         paths += sorted((REPO_ROOT / "samples" / "hushem").glob("*.BMP"))
     paths = paths[:n]
     if not paths:
-        pytest.skip("no HuSHem images available")
+        missing_data(f"no HuSHem images: neither the test split under {root} nor {REPO_ROOT / 'samples' / 'hushem'}")
     return np.stack([load_frame(p, contract.height, contract.width) for p in paths]), [p.name for p in paths]
 
 

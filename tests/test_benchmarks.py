@@ -46,6 +46,7 @@ def test_fold_summary_statistics():
     assert s["accuracy_ci95"][1] - 0.9 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
     cfg = smoke_config(tmp_path, hushem_dir.parent)
     summary = run_accuracy(cfg)
@@ -68,6 +69,7 @@ def test_bench_cli_rejects_unknown_commands(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
     from morphocam.benchmarks.serving import ServingBenchConfig, run
 
@@ -97,6 +99,7 @@ def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
     assert (tmp_path / "serving.json").is_file() and (tmp_path / "serving.png").is_file()
 
 
+@pytest.mark.slow
 def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
     from morphocam.benchmarks.serving_sweep import SweepConfig, run
 
@@ -111,6 +114,7 @@ def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
     assert (tmp_path / "sweep.json").is_file() and (tmp_path / "sweep.png").is_file()
 
 
+@pytest.mark.slow
 def test_explanations_and_calibration_benchmarks_smoke(hushem_dir, repo_root, tmp_path):
     from morphocam.benchmarks import calibration, explanations
 

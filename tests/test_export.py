@@ -353,6 +353,7 @@ def test_committed_model_files_equal_their_sources(repo_root):
         pytest.skip("no committed model_repository/")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
 def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
     """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""

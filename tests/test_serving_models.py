@@ -149,3 +149,20 @@ def test_explainer_refuses_wrong_sha256(serving_repository):
     sys.modules.setdefault("triton_python_backend_utils", mod)
     with pytest.raises(Exception, match="sha256"):
         load_model_py(serving_repository / "morphocam_hushem_explain", cfg)
+
+
+def test_classifier_takes_tensor_names_from_the_config(serving_repository, contract):
+    """Input and output names come from the model config, not from constants in model.py."""
+    model_dir = serving_repository / "morphocam_hushem"
+    cfg = served_config(model_dir, threads=1)
+    cfg["input"][0]["name"] = "FRAMES"
+    cfg["output"] = [o for o in cfg["output"] if o["name"] == "PROBABILITIES"]
+    model = load_model_py(model_dir, cfg)
+    x = np.full((2, contract.height, contract.width, 3), 90, np.uint8)
+    ok, missing = model.execute([{"FRAMES": _Tensor("FRAMES", x)}, _req(x)])
+    assert [t.name for t in ok.output_tensors] == ["PROBABILITIES"]
+    assert ok.out("PROBABILITIES").shape == (2, contract.num_classes) and ok.out("PROBABILITIES").dtype == np.float32
+    assert "missing input FRAMES" in missing.error.message()
+    cfg["output"].append({"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": ["16"]})
+    with pytest.raises(Exception, match="EMBEDDING"):
+        load_model_py(model_dir, cfg)

@@ -84,6 +84,7 @@ def test_overload_is_rejected_fast_with_a_clear_message(serving_repository, tmp_
             c.close()
 
 
+@pytest.mark.slow
 def test_soak_smoke(serving_repository, tmp_path):
     from morphocam.benchmarks.cli import main
 

@@ -1,8 +1,10 @@
 """Accuracy benchmark: the paper's Table 1 / ablation, and k-fold cross-validation of the full model.
 
-Every (config, dataset, fold) is one training run in its own folder; a folder that already holds
-``metrics.json`` is skipped, so the benchmark resumes where it stopped. The summary compares each
-row with the paper and says which backbone/weights and how many epochs each row used.
+Every (config, dataset, fold) is one training run in its own folder. A folder that holds
+``metrics.json`` is finished and reused; one that holds ``train_state.pt`` was stopped mid-run and is
+resumed from its last finished epoch (``morphocam-train --resume``); so the benchmark never retrains a
+finished cell and loses at most one epoch of a stopped one. The summary compares each row with the
+paper and says which backbone/weights, input size and epochs each row used.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from morphocam.datasets import datasets_root
 
-from .paper import PAPER_TABLE
+from .paper import PAPER_AUC, PAPER_TABLE
 
 # The ablation ladder of the paper, each row adding one component.
 ABLATION: dict[str, dict] = {
@@ -35,7 +39,8 @@ ABLATION: dict[str, dict] = {
 
 @dataclass
 class AccuracyConfig:
-    data_root: Path = option("folder holding hushem/ and smids/", Path("../shared/datasets"))
+    data_root: Path = option("folder holding hushem/ and smids/ (default: $MORPHOCAM_DATA, else "
+                             "../shared/datasets)", datasets_root())
     output_dir: Path = option("results folder (one sub-folder per run; existing runs are reused)",
                           Path("results/benchmarks/accuracy"))
     datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
@@ -45,12 +50,17 @@ class AccuracyConfig:
                                           "costs as much as its whole single-split row)", ("hushem",))
     arch: str = option("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
     pretrained: str = option("backbone weights for the EfficientNet rows", "lite0")
-    input_size: int = option("input side", 224)
-    frozen_epochs: int = option("stage-1 epochs (freeze-unfreeze rows)", 5)
-    epochs: int = option("stage-2 epochs (rows without freezing train frozen+stage-2 epochs in total)", 25)
-    lr: float = option("stage-2 learning rate", 2e-4)
+    input_size: int = option("input side (the paper: 224)", 224)
+    frozen_epochs: int = option("stage-1 epochs (freeze-unfreeze rows)", 10)
+    epochs: int = option("stage-2 epochs (rows without freezing train frozen+stage-2 epochs in total; "
+                         "the paper: 100 in total)", 90)
+    lr_head: float = option("stage-1 (head-only) learning rate", 3e-3)
+    lr: float = option("stage-2 learning rate", 3e-4)
     lr_scratch: float = option("learning rate of the SimpleCNN trained from scratch", 1e-3)
+    ema_decay: float = option("weight averaging (EMA) for every row; 0 = off", 0.0)
     seed: int = option("seed", 42)
+    threads: int = option("torch threads per run (0 = torch default)", 0)
+    device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
 
 
@@ -58,22 +68,33 @@ def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import train
 
+    from morphocam.training.run_state import STATE_FILE
+
     out = run_dir(cfg, dataset, name, fold)
     done = out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if (out / STATE_FILE).is_file():
+        # A stopped cell continues with its own recipe (config.yaml), whatever this invocation's flags say.
+        from morphocam.training.cli import resume_argv
+        from morphocam.config import parse_config
+
+        print(f"[resume] {out}", flush=True)
+        return train(parse_config(TrainConfig, resume_argv(["--resume", str(out)]), "resume"))
     row = dict(ABLATION[name])
     arch = row.pop("arch", cfg.arch)
     pretrained = row.pop("pretrained", cfg.pretrained)
     lr = cfg.lr_scratch if arch == "simplecnn" else cfg.lr
     tcfg = TrainConfig(data_dir=cfg.data_root / dataset, dataset=dataset, output_dir=out, arch=arch,
                        pretrained=pretrained, input_size=cfg.input_size, frozen_epochs=cfg.frozen_epochs,
-                       epochs=cfg.epochs, lr=lr, seed=cfg.seed, fold=fold, folds=max(cfg.folds, 2),
+                       epochs=cfg.epochs, lr_head=cfg.lr_head, lr=lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                       fold=fold, folds=max(cfg.folds, 2), threads=cfg.threads, device=cfg.device,
                        limit_per_class=cfg.limit_per_class, progress=False, **row)
     return train(tcfg)
 
 
-RECIPE_KEYS = ("input_size", "frozen_epochs", "epochs", "lr", "batch_size", "mixup_alpha", "label_smoothing")
+RECIPE_KEYS = ("arch", "pretrained", "input_size", "frozen_epochs", "epochs", "lr_head", "lr", "batch_size",
+               "mixup_alpha", "label_smoothing", "ema_decay")
 
 
 def _recipe(run_dir: Path) -> dict:
@@ -92,7 +113,9 @@ def _row(result: dict, run_dir: Path | None = None) -> dict:
     t = result["test"]
     return {"accuracy": t["accuracy"], "accuracy_ci95": t["accuracy_ci95"], "macro_f1": t["macro_f1"],
             "macro_auc_ovr": t["macro_auc_ovr"], "n_test": t["n"], "epochs_run": result["epochs_run"],
-            "train_seconds": result.get("train_seconds"),
+            "train_seconds": result.get("train_seconds"), "seconds_per_epoch": result.get("seconds_per_epoch"),
+            "cpu": result.get("cpu"), "device": result.get("device"),
+            "accuracy_tta": result.get("test_tta", {}).get("accuracy"),
             "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"],
             "recipe": _recipe(run_dir) if run_dir is not None else {}}
 
@@ -116,40 +139,48 @@ def summarise_folds(rows: list[dict]) -> dict:
 
 
 def run(cfg: AccuracyConfig) -> dict:
+    """Run (or resume, or reuse) every cell; ``accuracy.json`` and the plot are rewritten after each
+    finished cell, so a stopped benchmark leaves a summary of what has landed."""
     summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                      "single_split": {}, "cross_validation": {}}
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def publish() -> None:
+        atomic_write_text(cfg.output_dir / "accuracy.json", json.dumps(summary, indent=2) + "\n")
+        plot(summary, cfg.output_dir / "accuracy.png")
+
     for dataset in cfg.datasets:
         for name in cfg.configs:
             result = run_config(cfg, dataset, name, None)
             row = _row(result, run_dir(cfg, dataset, name, None))
             paper = PAPER_TABLE[name][dataset]
             row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
+            if name == "full":  # the paper reports ROC-AUC for its full model only
+                row["paper_macro_auc_ovr"] = PAPER_AUC[dataset]
             summary["single_split"].setdefault(dataset, {})[name] = row
             print(f"{dataset:7s} {name:16s} acc {row['accuracy']:.4f} (paper {paper[0]:.4f})  "
                   f"F1 {row['macro_f1']:.3f} (paper {paper[1]:.3f})  epochs {row['epochs_run']} "
                   f"at {row['recipe'].get('input_size', '?')} px", flush=True)
+            publish()
         if cfg.folds > 1 and dataset in cfg.cv_datasets:
-            rows = [_row(run_config(cfg, dataset, "full", f), run_dir(cfg, dataset, "full", f))
-                    for f in range(cfg.folds)]
-            cv = summarise_folds(rows)
-            summary["cross_validation"][dataset] = cv
-            print(f"{dataset:7s} full {cfg.folds}-fold: acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
-                  f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
-                  f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}")
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.output_dir / "accuracy.json", json.dumps(summary, indent=2) + "\n")
-    plot(summary, cfg.output_dir / "accuracy.png")
+            rows = []
+            for f in range(cfg.folds):
+                rows.append(_row(run_config(cfg, dataset, "full", f), run_dir(cfg, dataset, "full", f)))
+                cv = summarise_folds(rows)
+                cv["folds_planned"] = cfg.folds
+                summary["cross_validation"][dataset] = cv
+                print(f"{dataset:7s} full fold {f}: acc {rows[-1]['accuracy']:.4f}; {len(rows)}/{cfg.folds} folds: "
+                      f"acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
+                      f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
+                      f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}", flush=True)
+                publish()
+    publish()
     return summary
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(summary["single_split"])
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
+    fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = summary["single_split"][ds]
         names = list(rows)
@@ -167,9 +198,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds}: test accuracy")
         ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def smoke_config(tmp: Path, data_root: Path) -> AccuracyConfig:

@@ -7,11 +7,26 @@ both re-derived from the checkpoint's own recipe (same seed, same split).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
+
+
+@dataclass
+class CalibrationConfig:
+    """Options of ``morphocam-bench calibration``."""
+
+    checkpoint: list[Path] = option("checkpoint file(s); repeat the flag for several", [], repeat=True,
+                                    required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoints were trained on", None,
+                                      required=True)
+    output_dir: Path = option("results folder", Path("results/benchmarks/calibration"))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -75,13 +90,13 @@ def run(checkpoint: Path, data_dir: Path, output_dir: Path) -> dict:
     return result
 
 
+def run_all(cfg: CalibrationConfig) -> dict:
+    """``morphocam-bench calibration``: one calibration run per checkpoint, keyed by checkpoint path."""
+    return {str(ckpt): run(ckpt, cfg.data_dir, cfg.output_dir) for ckpt in cfg.checkpoint}
+
+
 def _plot(before, after, labels, t, path, title, bins=10):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plotting.subplots(figsize=(4.5, 4))
     edges = np.linspace(0, 1, bins + 1)
     for probs, name in ((before, "T=1"), (after, f"T={t:.2f}")):
         conf, correct = probs.max(1), probs.argmax(1) == labels
@@ -97,6 +112,4 @@ def _plot(before, after, labels, t, path, title, bins=10):
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}: reliability (test)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -1,69 +1,76 @@
-"""``morphocam-bench``: one sub-command per benchmark; each writes JSON + PNG and prints a table."""
+"""``morphocam-bench``: one sub-command per benchmark; each writes JSON + PNG and prints a table.
+
+Every sub-command's options come from its benchmark's configuration dataclass (the same plumbing as
+the other console scripts, ``--config file.yaml`` included): ``morphocam-bench COMMAND --help``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Sequence
 
-from morphocam.config import parse_config
-
-USAGE = """morphocam-bench COMMAND [options]
-
-commands:
-  serving       in-process engines vs the real Triton server (throughput, latency, ratio)
-  sweep         the served classifier over engine x instances x threads x queue delay
-  accuracy      the paper's ablation table on the seeded split, plus k-fold CV of the full model
-  calibration   ECE before/after temperature scaling for a checkpoint
-  explanations  Grad-CAM++ faithfulness (deletion test) and cost per explanation
-  soak          bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99
-Run 'morphocam-bench COMMAND --help' for a command's options."""
+from morphocam.config import add_options, config_from_args
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Benchmark:
+    module: str       # under morphocam.benchmarks
+    config: str       # its configuration dataclass
+    entry: str        # function taking that configuration and returning the result
+    summary: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "serving": Benchmark("serving", "ServingBenchConfig", "run",
+                         "in-process engines vs the real Triton server (throughput, latency, ratio)"),
+    "sweep": Benchmark("serving_sweep", "SweepConfig", "run",
+                       "the served classifier over engine x instances x threads x queue delay"),
+    "accuracy": Benchmark("accuracy", "AccuracyConfig", "run",
+                          "the paper's ablation table on the seeded split, plus k-fold CV of the full model"),
+    "calibration": Benchmark("calibration", "CalibrationConfig", "run_all",
+                             "ECE before/after temperature scaling for a checkpoint"),
+    "explanations": Benchmark("explanations", "ExplanationsConfig", "run_all",
+                              "Grad-CAM++ faithfulness (deletion test) and cost per explanation"),
+    "soak": Benchmark("soak", "SoakConfig", "run",
+                      "bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99"),
+}
+
+
+def _module(bench: Benchmark):
+    return importlib.import_module(f"morphocam.benchmarks.{bench.module}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="morphocam-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, bench in BENCHMARKS.items():
+        sub = commands.add_parser(name, help=bench.summary, description=bench.summary,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(sub, getattr(_module(bench), bench.config))
+        sub.set_defaults(subparser=sub)  # so that a bad option value is reported with the sub-command's usage
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "serving":
-        from .serving import ServingBenchConfig, run
-
-        run(parse_config(ServingBenchConfig, rest, "Served vs in-process throughput and latency.",
-                         prog="morphocam-bench serving"))
-    elif command == "sweep":
-        from .serving_sweep import SweepConfig, run
-
-        run(parse_config(SweepConfig, rest, "Serving configuration sweep.", prog="morphocam-bench sweep"))
-    elif command == "accuracy":
-        from .accuracy import AccuracyConfig, run
-
-        run(parse_config(AccuracyConfig, rest, "Paper ablation and k-fold accuracy.", prog="morphocam-bench accuracy"))
-    elif command == "soak":
-        from .soak import SoakConfig, run
-
-        result = run(parse_config(SoakConfig, rest, "Bounded soak: mixed classify + explain traffic.",
-                                  prog="morphocam-bench soak"))
-        ok = (result["failed_requests"] == 0 and result.get("rss_within_bound")
-              and not result["shm_segments_after_shutdown"])
-        return 0 if ok else 1
-    elif command in ("calibration", "explanations"):
-        parser = argparse.ArgumentParser(prog=f"morphocam-bench {command}")
-        parser.add_argument("--checkpoint", type=Path, action="append", required=True)
-        parser.add_argument("--data-dir", type=Path, required=True)
-        parser.add_argument("--output-dir", type=Path, default=Path(f"results/benchmarks/{command}"))
-        parser.add_argument("--limit", type=int, default=None, help="explanations: at most this many test frames")
-        args = parser.parse_args(rest)
-        if command == "calibration":
-            from .calibration import run
-
-            for ckpt in args.checkpoint:
-                run(ckpt, args.data_dir, args.output_dir)
-        else:
-            from .explanations import run
-
-            run(args.checkpoint, args.data_dir, args.output_dir, limit=args.limit)
-    else:
-        print(f"morphocam-bench: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in BENCHMARKS:
+        print(f"morphocam-bench: unknown command {argv[0]!r}\n", file=sys.stderr)
+        parser.print_usage(sys.stderr)
         return 2
-    return 0
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    options = vars(parser.parse_args(argv))
+    bench = BENCHMARKS[options.pop("command")]
+    subparser = options.pop("subparser")
+    module = _module(bench)
+    cfg = config_from_args(getattr(module, bench.config), options, subparser)
+    result = getattr(module, bench.entry)(cfg)
+    # A benchmark with a verdict (the soak) turns it into the exit status; the others succeed by finishing.
+    verdict = getattr(module, "passed", None)
+    return 0 if verdict is None or verdict(result) else 1

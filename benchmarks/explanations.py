@@ -9,11 +9,28 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
+from morphocam.config import option
+
+
+@dataclass
+class ExplanationsConfig:
+    """Options of ``morphocam-bench explanations``."""
+
+    checkpoint: list[Path] = option("checkpoint file(s), e.g. the CBAM model and the plain baseline; repeat "
+                                    "the flag for several", [], repeat=True, required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoints were trained on", None,
+                                      required=True)
+    output_dir: Path = option("results folder", Path("results/benchmarks/explanations"))
+    limit: Optional[int] = option("at most this many test frames per checkpoint", None)
+    frac: float = option("fraction of pixels deleted by the faithfulness test", 0.2)
 
 
 def test_frames(checkpoint: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -57,20 +74,18 @@ def run(checkpoints: list[Path], data_dir: Path, output_dir: Path, frac: float =
     return rows
 
 
+def run_all(cfg: ExplanationsConfig) -> dict:
+    """``morphocam-bench explanations``."""
+    return run(cfg.checkpoint, cfg.data_dir, cfg.output_dir, frac=cfg.frac, limit=cfg.limit)
+
+
 def _plot(rows: dict, path: Path, frac: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(rows)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(names)), 4))
+    fig, ax = plotting.subplots(figsize=(max(5, 2.5 * len(names)), 4))
     ax.bar(x - 0.2, [rows[n]["drop_top"] for n in names], 0.4, label=f"delete top {frac:.0%} (Grad-CAM++)")
     ax.bar(x + 0.2, [rows[n]["drop_random"] for n in names], 0.4, label=f"delete random {frac:.0%}")
     ax.set_xticks(x, names, rotation=10)
     ax.set_ylabel("drop of target-class probability")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -1,50 +1,55 @@
-"""Per-process facts from Linux ``/proc`` for the benchmarks: the server's process tree, RSS and CPU time.
+"""Per-process facts for the benchmarks, through psutil: the server's process tree, RSS and CPU time.
 
-No psutil dependency: the server and its Python-backend stubs are plain children of the launcher's
-``tritonserver`` process, and ``/proc/<pid>/stat`` and ``/status`` hold all we need.
+The server's Python-backend stubs are children of the launcher's ``tritonserver`` process; a
+process that has gone away reads as "no RSS" / "no more CPU" rather than as an error, because the
+benchmarks sample processes that may exit (or be restarted) under them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+import psutil
+
+STUB_BINARY = "triton_python_backend_stub"
 
 
 def rss_mib(pid: int) -> float | None:
+    """Resident set size in MiB, None once the process is gone."""
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
         return None
-    return None
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (0 once it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    # fields[0] is the state (field 3 of stat); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return times.user + times.system
 
 
 def process_table(server) -> dict[str, int]:
-    """{"tritonserver": pid, "stub:<model>:<pid>": pid, ...} for the server and its backend stubs."""
-    from morphocam.serving.launcher import _children
+    """{"tritonserver": pid, "stub:<model>:<pid>": pid, ...} for the server and its backend stubs.
 
+    ``server``: anything with a ``pid`` (the launcher's server or its ``Popen``).
+    """
     table = {"tritonserver": server.pid}
-    for child in _children(server.pid):
+    try:
+        children = psutil.Process(server.pid).children(recursive=True)
+    except psutil.Error:
+        return table
+    for child in children:
         try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            cmd = child.cmdline()
+        except psutil.Error:
             continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub"):
-            model = Path(cmd[1].decode()).parent.parent.name if len(cmd) > 1 else str(child)
-            table[f"stub:{model}:{child}"] = child
+        if cmd and cmd[0].endswith(STUB_BINARY):
+            # the stub's first argument is <repository>/<model>/<version>/model.py
+            model = Path(cmd[1]).parent.parent.name if len(cmd) > 1 else str(child.pid)
+            table[f"stub:{model}:{child.pid}"] = child.pid
     return table
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from morphocam import plotting
+
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = plotting.subplots(1, 2, figsize=(10, 4))
     for key in sorted({(r["transport"], r["frames_per_request"]) for r in result["served"]}):
         rows = [r for r in result["served"] if (r["transport"], r["frames_per_request"]) == key]
         label = f"{key[0]}, {key[1]} frame(s)/request"
@@ -29,6 +26,4 @@ def plot(result: dict, path: Path) -> None:
     a1.set_ylabel("images/s")
     a2.set_ylabel("p99 latency (ms)")
     fig.suptitle(f"{result['model']} on {result['cores']} CPU cores (client on the same cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.export.engines import cpu_name, openvino_bf16_supported
@@ -98,14 +99,9 @@ def run(cfg: SweepConfig) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(dict.fromkeys(p["label"] for p in result["points"]))
     concurrency = sorted({p["concurrency"] for p in result["points"]})
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    fig, (a1, a2) = plotting.subplots(2, 1, figsize=(11, 7), sharex=True)
     width = 0.8 / max(1, len(concurrency))
     for k, c in enumerate(concurrency):
         rows = {p["label"]: p for p in result["points"] if p["concurrency"] == c}
@@ -123,6 +119,4 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']}: {result['frames_per_request']}-frame requests on {result['cores']} cores "
                  "(client on the same cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

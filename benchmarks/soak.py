@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
-from morphocam.contract import EXPLAIN_SUFFIX, INPUT_NAME, InputContract
+from morphocam.contract import INPUT_DTYPE, INPUT_NAME, InputContract, explain_model_for
 from .procfs import process_table, rss_mib
 
 
@@ -69,9 +70,9 @@ class _Traffic:
                 batch = np.take(self.frames, range(start, start + n), axis=0, mode="wrap")
                 if explain:
                     batch = batch[:1]
-                inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+                inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), INPUT_DTYPE)
                 inp.set_data_from_numpy(batch)
-                model = self.cfg.model + EXPLAIN_SUFFIX if explain else self.cfg.model
+                model = explain_model_for(self.cfg.model) if explain else self.cfg.model
                 t0 = time.monotonic()
                 err = ""
                 try:
@@ -127,8 +128,8 @@ def run(cfg: SoakConfig) -> dict:
         import tritonclient.grpc as grpcclient
 
         c = grpcclient.InferenceServerClient(server.grpc_url)
-        for model in (cfg.model, cfg.model + EXPLAIN_SUFFIX):
-            inp = grpcclient.InferInput(INPUT_NAME, [1, *frames.shape[1:]], "UINT8")
+        for model in (cfg.model, explain_model_for(cfg.model)):
+            inp = grpcclient.InferInput(INPUT_NAME, [1, *frames.shape[1:]], INPUT_DTYPE)
             inp.set_data_from_numpy(frames[:1])
             c.infer(model, [inp], client_timeout=cfg.timeout_s)
         c.close()
@@ -182,13 +183,15 @@ def run(cfg: SoakConfig) -> dict:
     return result
 
 
+def passed(result: dict) -> bool:
+    """The soak's verdict (the command's exit status): no failed request, RSS growth within the bound,
+    no shared-memory segment left behind."""
+    return bool(result["failed_requests"] == 0 and result.get("rss_within_bound")
+                and not result["shm_segments_after_shutdown"])
+
+
 def _plot(result: dict, base, mixed, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plotting.subplots(1, 2, figsize=(11, 4))
     for recs, label in ((base, "classify, alone"), (mixed, "classify, with explain load")):
         lat = [r[2] for r in recs if r[1] == "classify" and not r[3]]
         if lat:
@@ -208,6 +211,4 @@ def _plot(result: dict, base, mixed, path: Path) -> None:
     b.set_ylabel("RSS (MiB)")
     b.legend(fontsize=7)
     b.set_title(f"RSS, bound +{result['rss_mib']['bound']:.0f} MiB; shm left: {len(result['shm_segments_after_shutdown'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

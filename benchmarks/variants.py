@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from morphocam.contract import EXPLAIN_SUFFIX
+from morphocam.contract import explain_model_for
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def write_variant(repository: Path, model: str, variant: ServingVariant, scratch
     if variant.preferred_batch_sizes is not None:
         cfg.dynamic_batching.preferred_batch_size[:] = list(variant.preferred_batch_sizes)
     (dst / "config.pbtxt").write_text(pbtxt.to_text(cfg))
-    explain = repository / f"{model}{EXPLAIN_SUFFIX}"
+    explain = repository / explain_model_for(model)
     if explain.is_dir():
         (scratch / explain.name).symlink_to(explain, target_is_directory=True)
     return scratch

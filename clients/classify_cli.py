@@ -9,72 +9,55 @@ usage, 3 the servers stayed unreachable past the retry deadline (rerun with ``--
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+from morphocam.config import option, parse_config
+
+from morphocam.clients.options import ClientOptions
 from morphocam.clients.results_io import FORMATS, ResultWriter
 from morphocam.clients.sources import count_inputs, expand_inputs
-from morphocam.clients.streaming import ClientOptions, ServerUnavailable, StreamingClassifier
+from morphocam.clients.streaming import ServerUnavailable, StreamingClassifier
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="morphocam-classify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, a video, or - (npy on stdin)")
-    p.add_argument("--url", action="append", dest="urls", metavar="HOST:PORT",
-                   help="Triton gRPC endpoint; repeat for several servers (default 127.0.0.1:8001)")
-    p.add_argument("--model", default="morphocam_smids", help="served model name (default %(default)s)")
-    p.add_argument("--model-version", default="", help="model version (default: the server's policy)")
-    p.add_argument("--output", "-o", type=Path, default=None, help="results file (default: stdout)")
-    p.add_argument("--format", choices=FORMATS, default=None, help="jsonl (default) or csv; .csv outputs default to csv")
-    p.add_argument("--resume", action="store_true", help="skip frames already answered in --output and append")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per request (capped by the model's max)")
-    p.add_argument("--max-wait-ms", type=float, default=20.0, help="send a partial batch after this wait")
-    p.add_argument("--max-in-flight", type=int, default=4, help="requests in flight at once")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
-    p.add_argument("--retry-deadline", type=float, default=120.0,
-                   help="give up after retrying a batch this many seconds (servers down)")
-    p.add_argument("--workers", type=int, default=2, help="decode/resize worker threads")
-    p.add_argument("--ssl", action="store_true", help="TLS to the server")
-    p.add_argument("--root-certificates", type=Path, default=None, help="PEM file of CA certificates for --ssl")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--summary-json", type=Path, default=None, help="also write the final summary here")
-    return p
+@dataclass
+class ClassifyConfig(ClientOptions):
+    """Every option of ``morphocam-classify``: the streaming client's options plus input and output."""
+
+    inputs: tuple[str, ...] = option("files, folders, globs, a video, or - (npy on stdin)", (),
+                                     positional=True, nargs="+", metavar="INPUT")
+    output: Optional[Path] = option("results file (default: stdout)", None, aliases=("-o",))
+    format: Optional[str] = option("jsonl or csv (default: csv for a .csv --output, else jsonl)", None,
+                                   choices=FORMATS)
+    resume: bool = option("skip frames already answered in --output and append", False, switch=True)
+    progress: bool = option("progress bar on stderr", True, switch=True)
+    summary_json: Optional[Path] = option("also write the final summary here", None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resume and self.output is None:
+            raise ValueError("--resume needs --output")
+        self.check_certificates()
+        if self.format is None:
+            self.format = "csv" if self.output is not None and Path(self.output).suffix.lower() == ".csv" else "jsonl"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    fmt = args.format or ("csv" if args.output and args.output.suffix.lower() == ".csv" else "jsonl")
-    if args.resume and args.output is None:
-        parser.error("--resume needs --output")
-    if args.root_certificates and not args.ssl:
-        parser.error("--root-certificates needs --ssl")
-    if args.root_certificates and not args.root_certificates.is_file():
-        parser.error(f"--root-certificates: {args.root_certificates} is not a file")
+    args = parse_config(ClassifyConfig, argv, __doc__, prog="morphocam-classify")
     try:
-        opts = ClientOptions(urls=tuple(args.urls or ["127.0.0.1:8001"]), model=args.model,
-                             model_version=args.model_version, batch_size=args.batch_size,
-                             max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight,
-                             timeout_s=args.timeout, retry_deadline_s=args.retry_deadline,
-                             workers=args.workers, ssl=args.ssl,
-                             root_certificates=str(args.root_certificates) if args.root_certificates else None)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        classifier = StreamingClassifier(opts)
+        classifier = StreamingClassifier(args)
     except (ServerUnavailable, RuntimeError) as exc:
         print(f"morphocam-classify: {exc}", file=sys.stderr)
         return 3
     info = classifier.info
     print(f"morphocam-classify: {info.name} v{info.version or '?'} input {info.height}x{info.width}, "
-          f"classes {list(info.classes)}, batch {classifier.batch_size}, servers {list(opts.urls)}",
+          f"classes {list(info.classes)}, batch {classifier.batch_size}, servers {list(args.urls)}",
           file=sys.stderr)
     try:
-        writer = ResultWriter(args.output, fmt, info.classes, resume=args.resume,
+        writer = ResultWriter(args.output, args.format, info.classes, resume=args.resume,
                               stream=sys.stdout if args.output is None else None)
     except OSError as exc:
         print(f"morphocam-classify: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
@@ -85,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if total is not None and args.resume:
         total = max(0, total - len(writer.done_keys))
     bar = None
-    if not args.no_progress:
+    if args.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="frame", desc="classify", file=sys.stderr, dynamic_ncols=True)

@@ -8,14 +8,15 @@ says where everything was written (default ``out/demo/``), and stops the server.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from morphocam.contract import EXPLAIN_SUFFIX, model_name_for
+from morphocam.config import option, parse_config
+from morphocam.contract import explain_model_for, model_name_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("hushem", "smids")
@@ -36,19 +37,23 @@ def served_models(repo: Path) -> dict[str, tuple[str, bool]]:
     for ds in DATASETS:
         name = model_name_for(ds)
         if (repo / name / "config.pbtxt").is_file():
-            found[ds] = (name, (repo / (name + EXPLAIN_SUFFIX) / "config.pbtxt").is_file())
+            found[ds] = (name, (repo / explain_model_for(name) / "config.pbtxt").is_file())
     return found
 
 
+@dataclass
+class DemoConfig:
+    """Every option of ``morphocam-demo``."""
+
+    model_repository: Path = option("Triton model repository to serve", PROJECT_ROOT / "model_repository")
+    samples: Path = option("folder holding one sub-folder of frames per dataset", PROJECT_ROOT / "samples")
+    output_dir: Path = option("where results, reports and explanations go", Path("out/demo"))
+    explain: int = option("explain this many least-confident frames per model", 3)
+    batch_size: int = option("frames per request", 8)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="morphocam-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=PROJECT_ROOT / "model_repository")
-    p.add_argument("--samples", type=Path, default=PROJECT_ROOT / "samples")
-    p.add_argument("--output-dir", type=Path, default=Path("out/demo"))
-    p.add_argument("--explain", type=int, default=3, help="explain this many least-confident frames per model")
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args(argv)
+    args = parse_config(DemoConfig, argv, __doc__, prog="morphocam-demo")
 
     repo = args.model_repository
     if not repo.is_dir():

@@ -10,25 +10,30 @@ For every frame: ``<n>_<name>_overlay.png`` (the server's heatmap over the frame
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from morphocam import plotting
 from morphocam.atomic import atomic_write_bytes, atomic_write_text
-from morphocam.contract import (EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SUFFIX, EXPLAIN_TARGET, INPUT_NAME,
-                                OUTPUT_PROBABILITIES)
+from morphocam.config import build_parser, config_from_args, option
+from morphocam.contract import (DATASET_CLASSES, EXPLAIN_HEATMAP, EXPLAIN_OVERLAY_PNG, EXPLAIN_SUFFIX, EXPLAIN_TARGET,
+                                INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES, dataset_for_model, explain_model_for)
 from morphocam.preprocess import ImageDecodeError, load_frame
 
 from morphocam.clients.results_io import read_records
 from morphocam.clients.sources import reload_frame
-from morphocam.clients.streaming import ServerPool, discover_model, is_transient, make_grpc_client, status_of
+from morphocam.clients.channel import make_grpc_client
+from morphocam.clients.discovery import discover_model
+from morphocam.clients.errors import is_transient, status_of
+from morphocam.clients.options import ConnectionOptions
+from morphocam.clients.server_pool import ServerPool
 
 TARGET_USED = "TARGET_CLASS_USED"
 
@@ -74,7 +79,7 @@ def explain_frames(frame_ids: Sequence[str], urls: Sequence[str], model: str, ou
     import tritonclient.grpc as grpcclient
 
     base = model.removesuffix(EXPLAIN_SUFFIX)
-    explain_model = base + EXPLAIN_SUFFIX
+    explain_model = explain_model_for(model)
     pool = ServerPool(urls, lambda u: make_grpc_client(u, ssl, root_certificates))
     try:
         info = discover_model(pool, base, deadline_s=retry_deadline_s, timeout_s=timeout_s)
@@ -101,7 +106,7 @@ def explain_frames(frame_ids: Sequence[str], urls: Sequence[str], model: str, ou
         for start in range(0, len(frames), max_batch):
             chunk = frames[start:start + max_batch]
             pixels = np.stack([p for _, p in chunk])
-            inputs = [grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "UINT8"),
+            inputs = [grpcclient.InferInput(INPUT_NAME, list(pixels.shape), INPUT_DTYPE),
                       grpcclient.InferInput(EXPLAIN_TARGET, [len(chunk), 1], "INT32")]
             inputs[0].set_data_from_numpy(pixels)
             inputs[1].set_data_from_numpy(np.full((len(chunk), 1), target_class, np.int32))
@@ -166,14 +171,10 @@ def _infer_with_retry(pool: ServerPool, model: str, inputs, outputs, timeout_s: 
 def contact_sheet_png(explanations: Sequence[Explanation], model: str = "") -> bytes:
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     n = len(explanations)
-    fig, axes = plt.subplots(n, 2, figsize=(5.2, 2.6 * n + 0.4), dpi=90, squeeze=False)
+    fig, axes = plotting.subplots(n, 2, figsize=(5.2, 2.6 * n + 0.4), dpi=90, squeeze=False)
     for row, ex in zip(axes, explanations):
         row[0].imshow(ex.frame)
         try:
@@ -189,60 +190,60 @@ def contact_sheet_png(explanations: Sequence[Explanation], model: str = "") -> b
         for ax in row:
             ax.axis("off")
     fig.suptitle(f"Grad-CAM++ {model}: decision aid, not a diagnosis", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return plotting.png_bytes(fig)
+
+
+@dataclass
+class ExplainConfig(ConnectionOptions):
+    """Every option of ``morphocam-explain``."""
+
+    paths: tuple[str, ...] = option("image files to explain (instead of --from-results)", (), positional=True,
+                                    nargs="*", metavar="PATH")
+    model: Optional[str] = option("classifier model name (default: the one named in the results file)", None)
+    from_results: Optional[Path] = option("results file from morphocam-classify", None)
+    least_confident: Optional[int] = option("explain the N least confident frames (default: 3)", None)
+    ids: Optional[tuple[str, ...]] = option("frame ids from the results file", None, nargs="+", metavar="ID")
+    target_class: str = option("class name or index to explain (-1: the predicted class)", "-1")
+    output_dir: Optional[Path] = option("where overlays, heatmaps and the contact sheet go", None, required=True)
+    timeout_s: float = option("per-request timeout, seconds", 60.0, flag="--timeout")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_certificates()
+        if bool(self.paths) == bool(self.from_results):
+            raise ValueError("give either PATHS or --from-results")
+        if (self.least_confident or self.ids) and not self.from_results:
+            raise ValueError("--least-confident and --ids need --from-results")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="morphocam-explain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", help="image files to explain (instead of --from-results)")
-    p.add_argument("--url", action="append", dest="urls", metavar="HOST:PORT")
-    p.add_argument("--model", default=None, help="classifier model name (default: from the results file)")
-    p.add_argument("--from-results", type=Path, default=None, help="results file from morphocam-classify")
-    p.add_argument("--least-confident", type=int, default=None, help="explain the N least confident frames")
-    p.add_argument("--ids", nargs="+", default=None, help="frame ids from the results file")
-    p.add_argument("--target-class", default="-1", help="class name or index to explain (-1: predicted)")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--ssl", action="store_true")
-    p.add_argument("--root-certificates", type=Path, default=None)
-    args = p.parse_args(argv)
-    if bool(args.paths) == bool(args.from_results):
-        p.error("give either PATHS or --from-results")
-    if (args.least_confident or args.ids) and not args.from_results:
-        p.error("--least-confident and --ids need --from-results")
+    parser = build_parser(ExplainConfig, __doc__, prog="morphocam-explain")
+    args = config_from_args(ExplainConfig, parser.parse_args(argv), parser)
     model = args.model
     if args.from_results:
         records = read_records(args.from_results)
         try:
             ids = select_from_results(records, args.least_confident, args.ids)
         except ValueError as exc:
-            p.error(str(exc))
+            parser.error(str(exc))
         if model is None:
             models = {r.get("model") for r in records if r.get("model")}
             if len(models) != 1:
-                p.error(f"--model is needed (results name {sorted(models)})")
+                parser.error(f"--model is needed (results name {sorted(models)})")
             model = models.pop()
     else:
         ids = list(args.paths)
     if model is None:
-        p.error("--model is needed")
+        parser.error("--model is needed")
     target = int(args.target_class) if args.target_class.lstrip("-").isdigit() else None
     if target is None:
-        from morphocam.contract import DATASET_CLASSES
-
-        classes = DATASET_CLASSES.get(model.removeprefix("morphocam_").removesuffix(EXPLAIN_SUFFIX), ())
+        classes = DATASET_CLASSES.get(dataset_for_model(model), ())
         if args.target_class not in classes:
-            p.error(f"--target-class {args.target_class!r} is not one of {list(classes)}")
+            parser.error(f"--target-class {args.target_class!r} is not one of {list(classes)}")
         target = classes.index(args.target_class)
     try:
-        done = explain_frames(ids, args.urls or ["127.0.0.1:8001"], model, args.output_dir, target,
-                              timeout_s=args.timeout, ssl=args.ssl,
-                              root_certificates=str(args.root_certificates) if args.root_certificates else None)
+        done = explain_frames(ids, args.urls, model, args.output_dir, target, timeout_s=args.timeout_s,
+                              ssl=args.ssl, root_certificates=args.root_certificates)
     except Exception as exc:  # noqa: BLE001
         print(f"morphocam-explain: {exc}", file=sys.stderr)
         return 3

@@ -16,37 +16,21 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from morphocam import plotting
 from morphocam.contract import NON_CELL_CLASSES, NORMAL_CLASSES
+from morphocam.stats import wilson_interval
 
 WHO_NORMAL_LOWER_LIMIT_PCT = 4.0
 WHO_MIN_CELLS = 200
 DISCLAIMER = ("Decision aid only, not a diagnosis: an automated classification of the submitted images "
               "that a qualified andrologist or embryologist must review. It does not replace a semen "
               "analysis performed to the WHO laboratory manual.")
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (as fractions in [0, 1])."""
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes must lie in [0, n], got {successes} of {n}")
-    p = successes / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lo = 0.0 if successes == 0 else max(0.0, centre - half)
-    hi = 1.0 if successes == n else min(1.0, centre + half)
-    return (lo, hi)
 
 
 def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, sample: str = "") -> dict:
@@ -127,16 +111,11 @@ def build_report(records: Iterable[dict], classes: Sequence[str] | None = None, 
 
 
 def bar_chart_png(report: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [c["class"] for c in report["classes"]]
     counts = [c["count"] for c in report["classes"]]
     colours = ["#2a9d8f" if c["is_normal"] else ("#9e9e9e" if not c["is_cell"] else "#e76f51")
                for c in report["classes"]]
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    fig, ax = plotting.subplots(figsize=(6, 3), dpi=100)
     bars = ax.bar(names, counts, color=colours)
     for bar, c in zip(bars, report["classes"]):
         pct = c["pct_of_cells"] if c["pct_of_cells"] is not None else c["pct_of_classified"]
@@ -146,11 +125,7 @@ def bar_chart_png(report: dict) -> bytes:
     ax.set_ylabel("frames")
     ax.set_ylim(0, max(counts + [1]) * 1.3)
     ax.set_title("Predicted class per frame (grey: not a cell)", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return plotting.png_bytes(fig)
 
 
 def render_html(report: dict, chart_png: bytes | None = None) -> str:

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+from morphocam.config import build_parser, config_from_args, option
 
 from morphocam.clients.report import build_report, format_text, write_report
 from morphocam.clients.results_io import read_records
 
 
+@dataclass
+class ReportConfig:
+    """Every option of ``morphocam-report``."""
+
+    results: tuple[Path, ...] = option("results file(s) from morphocam-classify (jsonl or csv)", (),
+                                       positional=True, nargs="+", metavar="RESULTS")
+    output_dir: Optional[Path] = option("where report.json / report.html go", None, required=True)
+    sample: str = option("sample name shown on the report (default: the file names)", "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="morphocam-report", description=__doc__)
-    p.add_argument("results", type=Path, nargs="+", help="results file(s) from morphocam-classify (jsonl or csv)")
-    p.add_argument("--output-dir", type=Path, required=True, help="where report.json / report.html go")
-    p.add_argument("--sample", default="", help="sample name shown on the report (default: the file name)")
-    args = p.parse_args(argv)
+    parser = build_parser(ReportConfig, __doc__, prog="morphocam-report")
+    args = config_from_args(ReportConfig, parser.parse_args(argv), parser)
     records = []
     for path in args.results:
         if not path.is_file():
-            p.error(f"{path}: no such results file")
+            parser.error(f"{path}: no such results file")
         records += read_records(path)
     if not records:
         print(f"morphocam-report: no complete records in {[str(r) for r in args.results]}", file=sys.stderr)

@@ -13,7 +13,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 FORMATS = ("jsonl", "csv")
 CSV_FIXED = ["frame_id", "status", "predicted_class", "class_index", "confidence", "model",
@@ -173,7 +173,3 @@ def _csv_line(values: Iterable[str]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow(list(values))
     return buf.getvalue()
-
-
-def iter_ok(records: Iterable[dict]) -> Iterator[dict]:
-    return (r for r in records if r.get("status", "ok") == "ok")

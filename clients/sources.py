@@ -15,7 +15,6 @@ the worker decodes it (and then becomes an error record).
 from __future__ import annotations
 
 import glob
-import io
 import os
 import sys
 import time
@@ -246,11 +245,3 @@ def reload_frame(frame_id: str) -> Payload:
         path, _, index = frame_id.rpartition("#frame=")
         return read_video_frame(path, int(index))
     return frame_id
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()

@@ -17,7 +17,6 @@ sequence number is delivered once, so a retry can never duplicate a result.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -27,249 +26,23 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from morphocam.contract import (DATASET_CLASSES, INPUT_NAME, OUTPUT_PROBABILITIES)
+from morphocam.contract import INPUT_DTYPE, INPUT_NAME, OUTPUT_PROBABILITIES
 from morphocam.preprocess import ImageDecodeError, load_frame
 
+from morphocam.clients.channel import grpc_channel_args, make_grpc_client
+from morphocam.clients.discovery import ModelInfo, discover_model, parse_classification
+from morphocam.clients.errors import (TRANSIENT_MESSAGES, TRANSIENT_STATUSES, ServerUnavailable, error_record,
+                                      is_transient, status_of)
+from morphocam.clients.options import ClientOptions
+from morphocam.clients.run_stats import RunStats
+from morphocam.clients.server_pool import Endpoint, ServerPool
 from morphocam.clients.sources import Frame, iterator_frames
 
-INT32_MAX = 2**31 - 1
-
-# gRPC status codes a retry can cure: the server is restarting, overloaded or slow.
-TRANSIENT_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED")
-# Messages that mean the model is (re)loading: transient once we have seen the model served.
-TRANSIENT_MESSAGES = ("not ready", "unknown model", "is not found", "failed to connect", "connection refused",
-                      "socket closed", "stub process", "unavailable", "deadline exceeded", "shutting down")
-
-
-class ServerUnavailable(RuntimeError):
-    """No server answered within the retry deadline; the results so far have been yielded."""
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    height: int
-    width: int
-    classes: tuple[str, ...]
-    max_batch_size: int = 32
-    version: str = ""
-
-
-@dataclass
-class ClientOptions:
-    urls: Sequence[str] = ("127.0.0.1:8001",)
-    model: str = "morphocam_smids"
-    model_version: str = ""
-    batch_size: int = 8
-    max_wait_ms: float = 20.0
-    max_in_flight: int = 4
-    timeout_s: float = 30.0            # per request
-    retry_deadline_s: float = 120.0    # how long one batch may keep retrying transient failures
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 2.0
-    workers: int = 2
-    ssl: bool = False
-    root_certificates: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.urls:
-            raise ValueError("give at least one --url")
-        for name in ("batch_size", "max_in_flight", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
-
-
-def status_of(error: BaseException) -> str:
-    status = getattr(error, "status", None)
-    text = status() if callable(status) else status
-    if not text:
-        code = getattr(error, "code", None)
-        text = str(code()) if callable(code) else ""
-    return str(text or "").replace("StatusCode.", "")
-
-
-def is_transient(error: BaseException) -> bool:
-    if isinstance(error, (ConnectionError, TimeoutError, OSError)):
-        return True
-    status = status_of(error)
-    if status in TRANSIENT_STATUSES:
-        return True
-    message = str(error).lower()
-    return any(m in message for m in TRANSIENT_MESSAGES)
-
-
-def grpc_channel_args() -> list[tuple[str, int]]:
-    """Fast reconnects: after a server restart the channel must not sit in a long gRPC backoff."""
-    return [
-        ("grpc.max_send_message_length", INT32_MAX),
-        ("grpc.max_receive_message_length", INT32_MAX),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-        # Own subchannels per channel: a fresh channel must not inherit a shared subchannel's backoff.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-
-
-def make_grpc_client(url: str, ssl: bool = False, root_certificates: str | None = None):
-    import tritonclient.grpc as grpcclient
-
-    return grpcclient.InferenceServerClient(url=url, ssl=ssl, root_certificates=root_certificates,
-                                            channel_args=grpc_channel_args())
-
-
-class Endpoint:
-    def __init__(self, url: str, client):
-        self.url = url
-        self.client = client
-        self.in_flight = 0
-        self.failures = 0
-        self.down_until = 0.0
-        self.last_error: str | None = None
-        self.answered = 0
-        self.reconnected = 0.0
-
-
-class ServerPool:
-    """Several servers: send to the least-busy healthy one; a failing one rests with a growing backoff."""
-
-    def __init__(self, urls: Sequence[str], client_factory: Callable[[str], object],
-                 backoff_initial_s: float = 0.1, backoff_max_s: float = 2.0):
-        self.endpoints = [Endpoint(u, client_factory(u)) for u in urls]
-        self._factory = client_factory
-        self._retired: list = []  # replaced clients, closed at the end (never from a gRPC callback)
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self._lock = threading.Lock()
-        self._rr = itertools.count()
-
-    def pick(self) -> Endpoint | None:
-        now = time.monotonic()
-        with self._lock:
-            healthy = [e for e in self.endpoints if e.down_until <= now]
-            if not healthy:
-                return None
-            start = next(self._rr)
-            order = healthy[start % len(healthy):] + healthy[:start % len(healthy)]
-            ep = min(order, key=lambda e: e.in_flight)
-            ep.in_flight += 1
-            return ep
-
-    def release(self, ep: Endpoint) -> None:
-        with self._lock:
-            ep.in_flight -= 1
-
-    def mark_ok(self, ep: Endpoint) -> None:
-        with self._lock:
-            ep.failures = 0
-            ep.down_until = 0.0
-            ep.answered += 1
-
-    def mark_down(self, ep: Endpoint, error: BaseException) -> None:
-        with self._lock:
-            ep.failures += 1
-            rest = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (ep.failures - 1))
-            ep.down_until = max(ep.down_until, time.monotonic() + rest)
-            ep.last_error = f"{status_of(error) or type(error).__name__}: {str(error)[:200]}"
-            # A gRPC channel that saw its server go away can stay in TRANSIENT_FAILURE long after the
-            # server is back; after repeated failures open a fresh channel to the same URL.
-            if ep.failures >= 2 and status_of(error) in ("UNAVAILABLE", "") and \
-                    time.monotonic() - ep.reconnected >= self.backoff_max_s:
-                try:
-                    fresh = self._factory(ep.url)
-                except Exception:  # noqa: BLE001 - keep the old client; the next failure tries again
-                    return
-                self._retired.append(ep.client)
-                ep.client = fresh
-                ep.reconnected = time.monotonic()
-
-    def wait_time(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            return max(0.0, min(e.down_until for e in self.endpoints) - now)
-
-    def close(self) -> None:
-        for client in [ep.client for ep in self.endpoints] + self._retired:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing a dead channel must not hide the real result
-                pass
-
-
-def _dims(values) -> list[int]:
-    return [int(v) for v in values]
-
-
-def parse_classification(entries: np.ndarray, num_classes: int) -> tuple[str, ...] | None:
-    """Class names from Triton's classification output (``score:index:label`` bytes per class)."""
-    names: dict[int, str] = {}
-    for raw in np.asarray(entries).reshape(-1):
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, np.bytes_)) else str(raw)
-        parts = text.split(":", 2)
-        if len(parts) == 3 and parts[1].lstrip("-").isdigit():
-            names[int(parts[1])] = parts[2]
-    if len(names) != num_classes or sorted(names) != list(range(num_classes)) or not all(names.values()):
-        return None
-    return tuple(names[i] for i in range(num_classes))
-
-
-def discover_model(pool: ServerPool, model: str, version: str = "", deadline_s: float = 60.0,
-                   timeout_s: float = 10.0) -> ModelInfo:
-    """Input size, batch limit and class names from the first server that answers."""
-    import tritonclient.grpc as grpcclient
-
-    end = time.monotonic() + deadline_s
-    last: BaseException | None = None
-    attempt = 0
-    while True:
-        for ep in pool.endpoints:
-            try:
-                cfg = ep.client.get_model_config(model, model_version=version, as_json=True,
-                                                 client_timeout=timeout_s)["config"]
-                inp = next(i for i in cfg["input"] if i["name"] == INPUT_NAME)
-                dims = _dims(inp["dims"])
-                if len(dims) != 3 or dims[2] != 3:
-                    raise ValueError(f"{model}: input {INPUT_NAME} has dims {dims}, expected [H, W, 3]")
-                out = next(o for o in cfg["output"] if o["name"] == OUTPUT_PROBABILITIES)
-                k = _dims(out["dims"])[-1]
-                height, width = dims[0], dims[1]
-                # Class names: the classification extension reads them from the model's label file.
-                probe = grpcclient.InferInput(INPUT_NAME, [1, height, width, 3], "UINT8")
-                probe.set_data_from_numpy(np.zeros((1, height, width, 3), np.uint8))
-                res = ep.client.infer(model, [probe], model_version=version,
-                                      outputs=[grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES, class_count=k)],
-                                      client_timeout=timeout_s)
-                classes = parse_classification(res.as_numpy(OUTPUT_PROBABILITIES), k)
-                if classes is None:
-                    suffix = model.removeprefix("morphocam_").removesuffix("_explain")
-                    classes = DATASET_CLASSES.get(suffix) or tuple(f"class_{i}" for i in range(k))
-                return ModelInfo(name=model, height=height, width=width, classes=tuple(classes),
-                                 max_batch_size=int(cfg.get("max_batch_size", 0)) or 1,
-                                 version=str(res.get_response().model_version))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except ValueError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                message = str(exc).lower()
-                if not is_transient(exc) or "unknown model" in message or status_of(exc) == "NOT_FOUND":
-                    raise RuntimeError(f"{ep.url}: cannot use model {model!r}: {exc}") from None
-                last = exc
-                pool.mark_down(ep, exc)
-        if time.monotonic() >= end:
-            raise ServerUnavailable(f"no server at {[e.url for e in pool.endpoints]} serves {model!r} "
-                                    f"within {deadline_s:.0f} s (last error: {last})")
-        attempt += 1
-        time.sleep(min(2.0, 0.1 * 2 ** attempt))
-
-
-def error_record(frame_id: str, reason: str, model: str = "") -> dict:
-    return {"frame_id": frame_id, "status": "error", "error": reason, "model": model}
+# The public API stays importable from here; the pieces live in one module per concern.
+__all__ = ["ClientOptions", "Endpoint", "ModelInfo", "RunStats", "ServerPool", "ServerUnavailable",
+           "StreamingClassifier", "TRANSIENT_MESSAGES", "TRANSIENT_STATUSES", "classify_frames", "discover_model",
+           "error_record", "grpc_channel_args", "is_transient", "make_grpc_client", "parse_classification",
+           "status_of"]
 
 
 @dataclass
@@ -280,29 +53,6 @@ class _Batch:
     deadline: float
     attempt: int = 0
     servers: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunStats:
-    frames: int = 0
-    ok: int = 0
-    errors: int = 0
-    skipped: int = 0
-    retries: int = 0
-    batches: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-
-    def summary(self) -> dict:
-        wall = (self.ended or time.monotonic()) - self.started
-        lat = np.asarray(self.latencies_ms, dtype=np.float64)
-        pct = (lambda q: float(np.percentile(lat, q)) if lat.size else None)
-        return {"frames": self.frames, "classified": self.ok, "errors": self.errors, "skipped": self.skipped,
-                "batches": self.batches, "retries": self.retries, "wall_s": round(wall, 3),
-                "frames_per_s": round(self.frames / wall, 2) if wall > 0 else None,
-                "latency_ms_mean": float(lat.mean()) if lat.size else None,
-                "latency_ms_p50": pct(50), "latency_ms_p99": pct(99)}
 
 
 class StreamingClassifier:
@@ -489,7 +239,7 @@ class StreamingClassifier:
         try:
             import tritonclient.grpc as grpcclient
 
-            inp = grpcclient.InferInput(INPUT_NAME, list(batch.pixels.shape), "UINT8")
+            inp = grpcclient.InferInput(INPUT_NAME, list(batch.pixels.shape), INPUT_DTYPE)
             inp.set_data_from_numpy(batch.pixels)
             out = [grpcclient.InferRequestedOutput(OUTPUT_PROBABILITIES)]
             sent = time.monotonic()

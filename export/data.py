@@ -7,13 +7,13 @@ that are *not* in that list (the training + validation part of the split), or a 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from morphocam.contract import InputContract
+from morphocam.datasets import dataset_dir
 from morphocam.preprocess import is_image_path, load_frame
 
 from .errors import ExportError
@@ -37,9 +37,7 @@ def dataset_root(meta: dict, override: Path | None, contract: InputContract) -> 
     data_dir = meta.get("recipe", {}).get("data_dir")
     if data_dir:
         candidates += [Path(data_dir), PROJECT_ROOT / data_dir]
-    if os.environ.get("MORPHOCAM_DATA"):
-        candidates.append(Path(os.environ["MORPHOCAM_DATA"]) / name)
-    candidates.append(PROJECT_ROOT.parent / "shared" / "datasets" / name)
+    candidates.append(dataset_dir(name))
     for c in candidates:
         if c.is_dir() and all((c / cls).is_dir() for cls in contract.classes):
             return c

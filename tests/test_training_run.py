@@ -108,3 +108,55 @@ def test_train_cli_reports_dataset_errors(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "out"), "--progress", "false"])
     assert rc == 2
     assert "class folder holds no" in capsys.readouterr().err
+
+
+def _tiny_args(hushem_dir, out) -> list[str]:
+    # Every stateful piece on: two stages (new optimiser at the switch), augmentation, MixUp, EMA.
+    return ["--data-dir", str(hushem_dir), "--arch", "simplecnn", "--pretrained", "none", "--input-size", "48",
+            "--limit-per-class", "6", "--freeze-unfreeze", "true", "--frozen-epochs", "2", "--epochs", "3",
+            "--mixup-alpha", "0.4", "--label-smoothing", "0.1", "--ema-decay", "0.9", "--batch-size", "8",
+            "--output-dir", str(out), "--progress", "false", "--threads", "1", "--device", "cpu"]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    whole = tmp_path / "whole"
+    assert train_main(_tiny_args(hushem_dir, whole)) == 0
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "morphocam.training.cli", *_tiny_args(hushem_dir, cut)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # SIGKILL after the third epoch (inside stage 2, mid-schedule)
+        if line.startswith("epoch   3"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (cut / "train_state.pt").is_file() and not (cut / "metrics.json").exists()
+
+    assert train_main(["--resume", str(cut)]) == 0
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((cut / "metrics.json").read_text())
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3, 4, 5]
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-5, abs=1e-6)
+        assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=1e-5, abs=1e-6)
+    assert a["best_epoch"] == b["best_epoch"]
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
+    assert not (cut / "train_state.pt").exists()  # a finished run keeps no resume state
+    split = json.loads((cut / "split.json").read_text())
+    assert split["counts"] == b["split"] and len(split["test"]) == b["test"]["n"]
+
+
+def test_resume_without_a_saved_state_is_a_clear_error(hushem_dir, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("output_dir: " + str(tmp_path) + "\n")
+    assert train_main(["--resume", str(tmp_path)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

@@ -2,39 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 from morphocam.config import parse_config
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig
+from .config import EvaluateConfig, TrainConfig
 from .data import DatasetError
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """``--resume RUN_DIR`` alone means ``--config RUN_DIR/config.yaml --resume RUN_DIR``: the stopped
+    run's own recipe, so that the continued run is the same run."""
+    for i, arg in enumerate(argv):
+        run_dir = argv[i + 1] if arg == "--resume" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--resume=") else None)
+        if run_dir and "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+            return ["--config", str(Path(run_dir) / "config.yaml"), *argv]
+    return argv
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    argv = resume_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = parse_config(TrainConfig, argv, "Train a morphocam classifier (paper recipe) and evaluate it.",
                        prog="morphocam-train")
     from .trainer import train
 
     try:
         train(cfg)
-    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
+    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"morphocam-train: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="morphocam-evaluate",
-                                     description="Score a checkpoint on its own seeded split of a dataset.")
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test")
-    parser.add_argument("--output-dir", type=Path, default=None, help="write eval_<split>.json and plots here")
-    args = parser.parse_args(argv)
+    args = parse_config(EvaluateConfig, argv, "Score a checkpoint on its own seeded split of a dataset.",
+                        prog="morphocam-evaluate")
     from .trainer import evaluate_checkpoint
 
     try:
@@ -45,3 +50,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     summary = {k: result[k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "macro_auc_ovr")}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

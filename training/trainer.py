@@ -195,7 +195,7 @@ def validate(model: MorphoNet, images: np.ndarray, labels: np.ndarray, device: t
     vp = predict_probs(model, images, device)
     loss = float(F.nll_loss(torch.log(torch.from_numpy(vp).clamp_min(1e-12)), torch.from_numpy(labels)))
     return {"val_loss": loss, "val_accuracy": float((vp.argmax(1) == labels).mean()),
-            "val_macro_f1": M._macro_f1(labels, vp)}
+            "val_macro_f1": M.macro_f1_of_probs(labels, vp)}
 
 
 def fit(cfg: TrainConfig, model: MorphoNet, ema, loader, gen: torch.Generator, val_images: np.ndarray,

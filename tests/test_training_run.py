@@ -25,6 +25,7 @@ def tiny_run(hushem_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_its_artefacts(tiny_run):
     result = json.loads((tiny_run / "metrics.json").read_text())
     losses = [h["train_loss"] for h in result["history"]]
@@ -43,6 +44,7 @@ def test_training_lowers_the_loss_and_writes_its_artefacts(tiny_run):
     assert meta["weights"].startswith("random init")
 
 
+@pytest.mark.slow
 def test_evaluate_rederives_the_same_test_split(tiny_run, hushem_dir, capsys):
     assert evaluate_main(["--checkpoint", str(tiny_run / "model.safetensors"), "--data-dir", str(hushem_dir)]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -118,6 +120,7 @@ def _tiny_args(hushem_dir, out) -> list[str]:
             "--output-dir", str(out), "--progress", "false", "--threads", "1", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path):
     import os
     import signal

@@ -111,6 +111,8 @@ def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
     assert (point["instances"], point["threads"], point["queue_delay_us"]) == (2, 1, 1000)
     assert point["errors"] == 0 and point["requests"] > 0 and point["avg_server_batch"] >= 1
     assert point["label"] == "onnxruntime/fp32, 2x1, delay 1000 us"
+    served_settings = EngineSettings().describe()
+    assert result["inprocess_settings"] == {k: served_settings[k] for k in ("threads", "spinning", "execution_mode")}
     assert (tmp_path / "sweep.json").is_file() and (tmp_path / "sweep.png").is_file()
 
 

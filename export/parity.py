@@ -17,7 +17,7 @@ from morphocam.contract import InputContract
 from morphocam.preprocess import normalise
 
 from .errors import ExportError
-from .engines import OrtRunner, predict
+from .engines import predict, reference_runner
 
 
 def torch_predict(net: torch.nn.Module, images: np.ndarray, contract: InputContract,
@@ -36,9 +36,9 @@ def check_parity(net: torch.nn.Module, onnx_file: Path, images: np.ndarray, cont
                  tolerance: float, threads: int = 0) -> dict:
     """Returns the numbers; raises :class:`ExportError` when max |Δprob| > ``tolerance``."""
     t_logits, t_probs = torch_predict(net, images, contract)
-    o_logits, o_probs = predict(OrtRunner(onnx_file, threads), images, batch=len(images))
+    o_logits, o_probs = predict(reference_runner(onnx_file, threads), images, batch=len(images))
     # batch-size independence: the same frames one at a time
-    s_logits, _ = predict(OrtRunner(onnx_file, threads), images[:4], batch=1)
+    s_logits, _ = predict(reference_runner(onnx_file, threads), images[:4], batch=1)
     result = {
         "images": int(len(images)),
         "max_abs_prob_diff": float(np.max(np.abs(t_probs - o_probs))),

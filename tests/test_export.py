@@ -76,7 +76,7 @@ def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
 def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, real_frames):
     import onnx
 
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.parity import check_parity
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -89,10 +89,11 @@ def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, rea
     onnx.checker.check_model(onnx.load(str(f)))
     par = check_parity(net, f, real_frames, contract, tolerance=1e-4)
     assert par["max_abs_prob_diff"] <= 1e-4 and par["argmax_agreement"] == 1.0
-    runner = OrtRunner(f, threads=1)
+    runner = reference_runner(f, threads=1)
     lo1, p1 = runner(real_frames[:1])
     lo5, p5 = runner(real_frames)
-    assert lo1.shape == (1, 4) and p5.shape == (5, 4) and lo5.dtype == np.float32
+    k = contract.num_classes
+    assert lo1.shape == (1, k) and p5.shape == (len(real_frames), k) and lo5.dtype == np.float32
     np.testing.assert_allclose(p5.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(lo1, lo5[:1], atol=1e-4)
 
@@ -131,6 +132,7 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
     for dest, src in (("model.py", "explainer.py"), ("explain_core.py", "explain_core.py"),
                       ("morphocam_net.py", "morphocam_net.py")):
         assert (e / "1" / dest).read_bytes() == (sources / src).read_bytes(), dest
+    assert (m / "1" / "morphocam_engines.py").read_bytes() == (repo_root / "morphocam/engines.py").read_bytes()
     assert InputContract.load(m / "1" / "contract.json").classes == CLASSES
     card = json.loads((m / "model_card.json").read_text())
     from morphocam.training.checkpoint import file_sha256
@@ -149,13 +151,14 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem" / "config.pbtxt")
     assert isinstance(cfg, mc.ModelConfig)
-    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == 32
+    exported = ExportConfig()
+    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == exported.max_batch_size
     (inp,) = cfg.input
     assert inp.name == INPUT_NAME and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [SIZE, SIZE, 3]
     outs = {o.name: o for o in cfg.output}
     assert set(outs) == {OUTPUT_PROBABILITIES, OUTPUT_LOGITS}
     assert outs[OUTPUT_PROBABILITIES].label_filename == "labels.txt"
-    assert all(o.data_type == mc.TYPE_FP32 and list(o.dims) == [4] for o in outs.values())
+    assert all(o.data_type == mc.TYPE_FP32 and list(o.dims) == [len(CLASSES)] for o in outs.values())
     db = cfg.dynamic_batching
     assert db.max_queue_delay_microseconds == 2000 and not db.preferred_batch_size
     assert db.default_queue_policy.max_queue_size == 256
@@ -176,7 +179,8 @@ def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):
 
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem_explain" / "config.pbtxt")
-    assert cfg.name == "morphocam_hushem_explain" and cfg.backend == "python" and cfg.max_batch_size == 8
+    assert cfg.name == "morphocam_hushem_explain" and cfg.backend == "python"
+    assert cfg.max_batch_size == ExportConfig().explain_max_batch_size
     ins = {i.name: i for i in cfg.input}
     assert list(ins[INPUT_NAME].dims) == [SIZE, SIZE, 3] and ins[INPUT_NAME].data_type == mc.TYPE_UINT8
     assert ins[EXPLAIN_TARGET].optional and ins[EXPLAIN_TARGET].data_type == mc.TYPE_INT32
@@ -326,21 +330,42 @@ def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
 # ------------------------------------------------------------------ regeneration
 
 def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ckpt, hushem_dir, real_frames):
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.repository import write_repository
 
     out, _ = cpu_repo
     cfg = fast_config(tmp_path, random_ckpt, hushem_dir, explain=False)
     write_repository(cfg)
-    a = OrtRunner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
-    b = OrtRunner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    a = reference_runner(out / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
+    b = reference_runner(cfg.output / "morphocam_hushem" / "1" / "model.onnx", 1)(real_frames)
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
 
 
+def test_committed_model_files_equal_their_sources(repo_root):
+    """Every model.py (and engine factory) under model_repository/ is a copy of its one source: an edit
+    to the source without re-exporting (or an edit to a copy) fails here."""
+    from morphocam.engines import VERSION_FOLDER_NAME
+
+    sources = {"": repo_root / "serving/triton_models/classifier.py",
+               "_explain": repo_root / "serving/triton_models/explainer.py"}
+    checked = 0
+    for model_py in sorted((repo_root / "model_repository").glob("*/1/model.py")):
+        name = model_py.parent.parent.name
+        source = sources["_explain" if name.endswith("_explain") else ""]
+        assert model_py.read_bytes() == source.read_bytes(), f"{model_py} differs from {source}: re-export"
+        factory = model_py.with_name(VERSION_FOLDER_NAME)
+        if source.name == "classifier.py":
+            assert factory.read_bytes() == (repo_root / "morphocam/engines.py").read_bytes(), factory
+        checked += 1
+    if not checked:
+        pytest.skip("no committed model_repository/")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
 def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
     """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.preprocess import load_frame
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -361,25 +386,48 @@ def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_d
         root = repo_root / root
     files = [sorted((root / c).iterdir())[0] for c in contract.classes]
     frames = np.stack([load_frame(p, contract.height, contract.width) for p in files])
-    a = OrtRunner(m / "1" / "model.onnx", 1)(frames)
-    b = OrtRunner(f, 1)(frames)
+    a = reference_runner(m / "1" / "model.onnx", 1)(frames)
+    b = reference_runner(f, 1)(frames)
     np.testing.assert_allclose(a[0], b[0], atol=1e-4)
     np.testing.assert_allclose(a[1], b[1], atol=1e-5)
 
 
 # ------------------------------------------------------------------ INT8
 
+def _m(precision: str, speed: float, accuracy: float):
+    from morphocam.export.engines import Measurement
+
+    return Measurement("onnxruntime", precision, "m.onnx", speed, accuracy, accuracy, 1.0, 0.0, 100)
+
+
+@pytest.mark.parametrize("int8_speed,int8_accuracy,kept,reason", [
+    (200.0, 0.795, True, "kept"),                        # 2x faster, 0.5 points lost: within the 1-point bound
+    (200.0, 0.780, False, "too much accuracy lost"),     # 2 points lost
+    (104.0, 0.800, False, "not faster"),                 # inside the speed margin: noise, not a speed-up
+    (90.0, 0.700, False, "not faster, too much accuracy lost"),
+])
+def test_int8_release_rule(int8_speed, int8_accuracy, kept, reason):
+    """The exporter's own INT8 rule (export.repository.int8_decision) on both sides of each bound."""
+    from morphocam.export.repository import int8_decision
+
+    cfg = ExportConfig()
+    ms = [_m("fp32", 100.0, 0.800), _m("fp32", 110.0, 0.800), _m("int8", int8_speed, int8_accuracy)]
+    got, why = int8_decision(ms, cfg.speed_margin, cfg.int8_max_drop)
+    assert got is kept and why.endswith(reason if kept else f"not kept ({reason})"), why
+
+
 def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     """Static INT8 (ORT QDQ, MinMax) calibrated on real non-test images, on the released HuSHem test split.
 
     Recorded 2026-11-25 (export log / model card): FP32 0.818, INT8 0.606 (ORT) / 0.576 (OpenVINO),
     agreement 0.73 / 0.67, so the exporter does NOT keep INT8 (rule: <= 1 point). This test guards the
-    recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule would reject it.
+    recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule rejects it.
     """
     from morphocam.export import data as D
-    from morphocam.export.engines import OrtRunner, predict
+    from morphocam.export.engines import make_runner, measure
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.quantize import quantize_int8
+    from morphocam.export.repository import int8_decision
     from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
@@ -393,10 +441,11 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     export_onnx(net, c, f32, exporter="legacy")
     cal, _ = D.calibration_images(hushem_dir, c, test, 32)
     quantize_int8(f32, i8, cal)
-    p32 = predict(OrtRunner(f32), x)[1].argmax(1)
-    p8 = predict(OrtRunner(i8), x)[1].argmax(1)
-    acc32, acc8 = np.mean(p32 == test.labels), np.mean(p8 == test.labels)
-    assert acc32 - acc8 <= 0.30, (acc32, acc8)
-    assert np.mean(p32 == p8) >= 0.6
-    keep = (acc32 - acc8) * 100 <= ExportConfig().int8_max_drop
-    assert keep == (acc8 >= acc32 - 0.01)  # the rule the exporter applies
+    m32, p32 = measure(make_runner("onnxruntime", f32, "fp32"), f32.name, x, test.labels, None, c.num_classes,
+                       seconds=0.5)
+    m8, _ = measure(make_runner("onnxruntime", i8, "int8"), i8.name, x, test.labels, p32, c.num_classes, seconds=0.5)
+    assert m32.accuracy - m8.accuracy <= 0.30, (m32.accuracy, m8.accuracy)
+    assert m8.agreement_with_fp32 >= 0.6
+    cfg = ExportConfig()
+    kept, why = int8_decision([m32, m8], cfg.speed_margin, cfg.int8_max_drop)
+    assert not kept and "too much accuracy lost" in why, why

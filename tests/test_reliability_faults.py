@@ -56,7 +56,7 @@ def mixed_repo(serving_repository, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("mixed_repo")
     os.symlink(serving_repository / MODEL, repo / MODEL)
     broken = _copy_model(serving_repository / MODEL, repo, "morphocam_broken")
-    (broken / "1" / "contract.json").unlink()  # initialize() cannot read the contract
+    (broken / "1" / "morphocam_engines.py").unlink()  # an incomplete copy: model.py cannot import its engine
     tampered = _copy_model(serving_repository / MODEL, repo, "morphocam_tampered")
     onnx = tampered / "1" / "model.onnx"
     assert (tampered / "1" / "model.onnx.sha256").is_file(), "export must write the graph's sha256 sidecar"
@@ -74,7 +74,7 @@ def test_broken_and_tampered_models_beside_a_good_one(mixed_repo, serving_reposi
         assert set(srv.failed_models) == {"morphocam_broken", "morphocam_tampered"}
         assert "sha256" in srv.failed_models["morphocam_tampered"]
         assert "refusing to load" in srv.failed_models["morphocam_tampered"]
-        assert "contract.json" in srv.failed_models["morphocam_broken"]
+        assert "morphocam_engines" in srv.failed_models["morphocam_broken"]
         c = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
             assert c.is_server_live() and c.is_model_ready(MODEL)
@@ -118,6 +118,7 @@ def classifier_repo(serving_repository, tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_killed_stub_gives_prompt_errors_never_a_hang(classifier_repo, serving_repository):
     frames, _ = real_frames(_contract(serving_repository), 1)
     with TritonServer(classifier_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180) as srv:

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from morphocam.contract import InputContract, model_name_for
+from morphocam.export.config import ExportConfig
 from morphocam.preprocess import load_frame
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import REPO_ROOT, datasets_root, serving_checkpoint_path  # noqa: E402
+from conftest import REPO_ROOT, datasets_root, missing_data, serving_checkpoint_path  # noqa: E402
 
 MODEL = model_name_for("hushem")
 EXPLAIN = MODEL + "_explain"
@@ -37,7 +38,7 @@ def real_frames(contract: InputContract, n: int = 8) -> tuple[np.ndarray, list[s
         paths += sorted((REPO_ROOT / "samples" / "hushem").glob("*.BMP"))
     paths = paths[:n]
     if not paths:
-        pytest.skip("no HuSHem images available")
+        missing_data(f"no HuSHem images: neither the test split under {root} nor {REPO_ROOT / 'samples' / 'hushem'}")
     return np.stack([load_frame(p, contract.height, contract.width) for p in paths]), [p.name for p in paths]
 
 
@@ -65,11 +66,12 @@ def test_metadata_and_config(client, contract):
     assert set(outputs) == {"PROBABILITIES", "LOGITS"}
     assert [int(d) for d in outputs["PROBABILITIES"]["shape"]] == [-1, contract.num_classes]
     cfg = client.get_model_config(MODEL, as_json=True)["config"]
-    assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == 32
+    exported = ExportConfig()  # the serving repository is exported with the defaults
+    assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == exported.max_batch_size
     assert "dynamic_batching" in cfg
     assert cfg["parameters"]["engine"]["string_value"] in ("onnxruntime", "openvino")
     ecfg = client.get_model_config(EXPLAIN, as_json=True)["config"]
-    assert int(ecfg["max_batch_size"]) == 8
+    assert int(ecfg["max_batch_size"]) == exported.explain_max_batch_size
     assert {o["name"] for o in ecfg["output"]} == {"PROBABILITIES", "HEATMAP", "OVERLAY_PNG", "TARGET_CLASS_USED"}
 
 
@@ -91,9 +93,10 @@ def test_classification_matches_in_process_and_fp32_ort(client, serving_reposito
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     model = _in_process_engine(client, serving_repository)
-    ref_logits, ref_probs = model._run(frames)
+    ref = dict(zip([name for name, _ in model.outputs], model._runner(frames)))
+    ref_logits, ref_probs = ref["LOGITS"], ref["PROBABILITIES"]
     dp = float(np.abs(probs - ref_probs).max())
-    print(f"server vs in-process {model.engine}/{model.precision}: max |dprob| = {dp:.2e}")
+    print(f"server vs in-process {model._runner.settings.describe()}: max |dprob| = {dp:.2e}")
     assert dp <= 1e-5
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
 
@@ -262,7 +265,7 @@ def test_explain_folder_serves_without_the_project_on_the_stub_path(serving_repo
 
 
 # ------------------------------------------------------------------ bad input, then a good request
-def _bad_cases(contract):
+def _bad_cases(contract, max_batch: int):
     h, w = contract.height, contract.width
     target = grpcclient.InferInput("TARGET_CLASS", [1, 1], "INT32")
     target.set_data_from_numpy(np.array([[contract.num_classes + 3]], np.int32))
@@ -270,7 +273,8 @@ def _bad_cases(contract):
         "wrong dtype": (MODEL, np.zeros((1, h, w, 3), np.float32), "FP32", (), ["data-type", "FP32", "UINT8"]),
         "wrong shape": (MODEL, np.zeros((1, h - 24, w, 3), np.uint8), "UINT8", (), ["shape"]),
         "empty batch": (MODEL, np.zeros((0, h, w, 3), np.uint8), "UINT8", (), ["byte size", "got 0"]),
-        "batch too large": (MODEL, np.zeros((33, h, w, 3), np.uint8), "UINT8", (), ["batch", "32"]),
+        "batch too large": (MODEL, np.zeros((max_batch + 1, h, w, 3), np.uint8), "UINT8", (),
+                            ["batch", str(max_batch)]),
         "unknown model": ("morphocam_nosuch", np.zeros((1, h, w, 3), np.uint8), "UINT8", (), ["unknown model"]),
         "target out of range": (EXPLAIN, np.zeros((1, h, w, 3), np.uint8), "UINT8", (target,),
                                 ["out of range", f"0..{contract.num_classes - 1}"]),
@@ -280,7 +284,8 @@ def _bad_cases(contract):
 @pytest.mark.parametrize("case", ["wrong dtype", "wrong shape", "empty batch", "batch too large",
                                   "unknown model", "target out of range"])
 def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract, case):
-    model, data, dtype, extra, words = _bad_cases(contract)[case]
+    max_batch = int(client.get_model_config(MODEL, as_json=True)["config"]["max_batch_size"])
+    model, data, dtype, extra, words = _bad_cases(contract, max_batch)[case]
     with pytest.raises(InferenceServerException) as info:
         infer(client, data, model=model, dtype=dtype, extra=extra)
     message = str(info.value)

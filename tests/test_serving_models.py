@@ -62,7 +62,7 @@ def fake_pb_utils() -> types.ModuleType:
     return mod
 
 
-SIBLINGS = ("explain_core", "morphocam_net")  # modules a model.py imports from its own version folder
+SIBLINGS = ("explain_core", "morphocam_net", "morphocam_engines")  # modules a model.py imports from its own version folder
 
 
 def load_model_py(model_dir: Path, config: dict, version: str = "1", **args):
@@ -85,13 +85,17 @@ def load_model_py(model_dir: Path, config: dict, version: str = "1", **args):
     return model
 
 
-def served_config(model_dir: Path) -> dict:
-    """``config.pbtxt`` as the JSON dict Triton hands to ``initialize`` (proto field names, int64 as strings)."""
+def served_config(model_dir: Path, **parameters: str) -> dict:
+    """``config.pbtxt`` as the JSON dict Triton hands to ``initialize`` (proto field names, int64 as
+    strings), with ``parameters`` overridden."""
     from google.protobuf import json_format
 
     from morphocam.export.pbtxt import parse
 
-    return json_format.MessageToDict(parse(Path(model_dir) / "config.pbtxt"), preserving_proto_field_name=True)
+    config = json_format.MessageToDict(parse(Path(model_dir) / "config.pbtxt"), preserving_proto_field_name=True)
+    for key, value in parameters.items():
+        config.setdefault("parameters", {})[key] = {"string_value": str(value)}
+    return config
 
 
 def _req(x, target=None):
@@ -103,9 +107,8 @@ def _req(x, target=None):
 
 @pytest.fixture(scope="module")
 def classifier(serving_repository):
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-           "parameters": {"engine": {"string_value": "onnxruntime"}, "threads": {"string_value": "1"}}}
-    return load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    return load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", threads=1))
 
 
 def test_classifier_batch_split_and_errors_per_request(classifier, contract):
@@ -122,19 +125,17 @@ def test_classifier_batch_split_and_errors_per_request(classifier, contract):
     # The joint batch equals each request run alone.
     alone_a = classifier.execute([_req(a)])[0].out("PROBABILITIES")
     np.testing.assert_allclose(responses[0].out("PROBABILITIES"), alone_a, atol=1e-6)
-    assert responses[2].out("LOGITS").shape == (1, 4)
+    assert responses[2].out("LOGITS").shape == (1, contract.num_classes)
 
 
 def test_classifier_openvino_engine(serving_repository, contract):
     pytest.importorskip("openvino")
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1}],
-           "parameters": {"engine": {"string_value": "openvino"}, "precision": {"string_value": "fp32"},
-                          "threads": {"string_value": "1"}}}
-    ov_model = load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    ov_model = load_model_py(model_dir, served_config(model_dir, engine="openvino", precision="fp32", threads=1))
     x = np.random.default_rng(1).integers(0, 256, (3, contract.height, contract.width, 3), dtype=np.uint8)
     ov = ov_model.execute([_req(x)])[0].out("PROBABILITIES")
-    cfg["parameters"]["engine"]["string_value"] = "onnxruntime"
-    ort = load_model_py(serving_repository / "morphocam_hushem", cfg).execute([_req(x)])[0].out("PROBABILITIES")
+    ort_model = load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", precision="fp32", threads=1))
+    ort = ort_model.execute([_req(x)])[0].out("PROBABILITIES")
     assert np.abs(ov - ort).max() < 1e-4
 
 
@@ -258,3 +259,20 @@ def test_folder_copy_gives_the_training_codes_logits(repo_root):
     served = explainer.explain(frames)["logits"]
     print(f"max |logit difference| training vs folder copy: {np.abs(served - reference).max():.2e}")
     np.testing.assert_allclose(served, reference, rtol=0, atol=1e-5)
+
+
+def test_classifier_takes_tensor_names_from_the_config(serving_repository, contract):
+    """Input and output names come from the model config, not from constants in model.py."""
+    model_dir = serving_repository / "morphocam_hushem"
+    cfg = served_config(model_dir, threads=1)
+    cfg["input"][0]["name"] = "FRAMES"
+    cfg["output"] = [o for o in cfg["output"] if o["name"] == "PROBABILITIES"]
+    model = load_model_py(model_dir, cfg)
+    x = np.full((2, contract.height, contract.width, 3), 90, np.uint8)
+    ok, missing = model.execute([{"FRAMES": _Tensor("FRAMES", x)}, _req(x)])
+    assert [t.name for t in ok.output_tensors] == ["PROBABILITIES"]
+    assert ok.out("PROBABILITIES").shape == (2, contract.num_classes) and ok.out("PROBABILITIES").dtype == np.float32
+    assert "missing input FRAMES" in missing.error.message()
+    cfg["output"].append({"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": ["16"]})
+    with pytest.raises(Exception, match="EMBEDDING"):
+        load_model_py(model_dir, cfg)

@@ -14,7 +14,6 @@ JSON + PNG in ``output_dir``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,11 +22,13 @@ from pathlib import Path
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
+from morphocam.engines import EngineSettings, affinity_cores
 from morphocam.export.engines import cpu_name, openvino_bf16_supported
 from morphocam.contract import InputContract
 
 from .procfs import process_table
-from .serving import _add_ratios, ceiling, inprocess, load_images, served
+from .inprocess import ceiling, inprocess, load_images
+from .load_generator import add_ratios, served
 from .variants import ServingVariant, write_variant
 
 
@@ -68,7 +69,10 @@ def run(cfg: SweepConfig) -> dict:
     rows = {"model.onnx": inprocess(version_dir / "model.onnx", frames, (8,), cfg.inprocess_seconds)}
     ceilings = {prec: ceiling(rows, prec) for prec in ("fp32", "bf16")
                 if any(e.endswith(prec) for e in rows["model.onnx"])}
-    result: dict = {"model": cfg.model, "cores": os.cpu_count(), "cpu": cpu_name(), "frames_per_request":
+    settings = EngineSettings().describe()  # the ceiling is built with the served engine settings
+    result: dict = {"model": cfg.model, "cores": affinity_cores(), "cpu": cpu_name(),
+                    "inprocess_settings": {k: settings[k] for k in ("threads", "spinning", "execution_mode")},
+                    "frames_per_request":
                     cfg.frames_per_request, "inprocess_batch8": rows["model.onnx"],
                     "ceilings": {p: {"images_per_s": v, "engine": n} for p, (v, n) in ceilings.items()},
                     "points": []}
@@ -79,7 +83,7 @@ def run(cfg: SweepConfig) -> dict:
             with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as srv:
                 pids = list(process_table(srv.process).values())
                 for c in cfg.concurrency:
-                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, cfg.frames_per_request,
+                    row = add_ratios(served(srv.grpc_url, cfg.model, frames, c, cfg.frames_per_request,
                                              cfg.seconds, server_pids=pids), ceilings[variant.precision][0])
                     row.update(engine=variant.engine, precision=variant.precision, instances=variant.instances,
                                threads=variant.threads, queue_delay_us=variant.queue_delay_us,

@@ -111,7 +111,7 @@ def _summary(records, seconds: float) -> dict:
 
 
 def run(cfg: SoakConfig) -> dict:
-    from morphocam.benchmarks.serving import load_images
+    from morphocam.benchmarks.inprocess import load_images
     from morphocam.serving.launcher import TritonServer
 
     repo = Path(cfg.model_repository)

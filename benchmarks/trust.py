@@ -32,7 +32,7 @@ from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.stats import wilson_interval
-from morphocam.contract import (INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
+from morphocam.contract import (OUTPUT_IN_DOMAIN, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
                                 OUTPUT_PROBABILITIES)
 
 
@@ -95,9 +95,11 @@ def _latency(onnx_plain: Path, onnx_trust: Path, frames: np.ndarray, batch: int,
              rounds: int = 5) -> dict:
     """Images/s of the graph without and with the trust outputs, measured in alternating rounds (the
     machine is shared: load changes between rounds), best round of each kept."""
-    from morphocam.export.engines import OrtRunner, throughput
+    from morphocam.export.engines import all_outputs_runner, throughput
 
-    runners = {"without_trust": OrtRunner(onnx_plain, threads), "with_trust": OrtRunner(onnx_trust, threads)}
+    # every output requested, as the served classifier requests every output its config declares
+    runners = {"without_trust": all_outputs_runner(onnx_plain, threads),
+               "with_trust": all_outputs_runner(onnx_trust, threads)}
     out: dict = {name: {} for name in runners}
     for b in (1, batch):
         best = {name: 0.0 for name in runners}
@@ -111,11 +113,11 @@ def _latency(onnx_plain: Path, onnx_trust: Path, frames: np.ndarray, batch: int,
     return out
 
 
-def _run_graph(session, frames: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    chunks = [dict(zip(names, session.run(None, {INPUT_NAME: np.ascontiguousarray(frames[i:i + batch])})))
-              for i in range(0, len(frames), batch)]
-    return {n: np.concatenate([c[n] for c in chunks]) for n in names}
+def _run_graph(runner, frames: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
+    from morphocam.export.engines import run_named
+
+    chunks = [run_named(runner, frames[i:i + batch]) for i in range(0, len(frames), batch)]
+    return {n: np.concatenate([c[n] for c in chunks]) for n in runner.output_names}
 
 
 def _set_stats(out: dict, labels: np.ndarray) -> dict:
@@ -130,12 +132,9 @@ def _set_stats(out: dict, labels: np.ndarray) -> dict:
 
 
 def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
-    import onnxruntime as ort
-    import torch
-
     from morphocam.export import data as D
     from morphocam.export import trust_math as TM
-    from morphocam.export.engines import cpu_name, cpu_threads
+    from morphocam.export.engines import all_outputs_runner, cpu_name
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.repository import load_verified
     from morphocam.export.trust_fit import fit_trust, pooled_features
@@ -196,9 +195,7 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
         plain, with_trust = Path(tmp) / "plain.onnx", Path(tmp) / "trust.onnx"
         export_onnx(net, contract, plain)
         export_onnx(net, contract, with_trust, trust=params)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cpu_threads(cfg.threads)
-        sess = ort.InferenceSession(str(with_trust), opts, providers=["CPUExecutionProvider"])
+        sess = all_outputs_runner(with_trust, cfg.threads)
         pick = D.sample_paths([(str(i), int(y)) for i, y in enumerate(test.labels)], cfg.corruption_images, seed=3)
         chosen = np.array(sorted(int(p) for p, _ in pick))
         images, labels = test.images[chosen], test.labels[chosen]
@@ -215,13 +212,12 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
             "max_abs_ood_diff": float(np.abs(clean[OUTPUT_OOD_SCORE] - ref[OUTPUT_OOD_SCORE]).max()),
             "in_domain_mismatches": int((clean[OUTPUT_IN_DOMAIN] != ref[OUTPUT_IN_DOMAIN]).sum()),
             "set_mismatches": int((clean[OUTPUT_PREDICTION_SET] != ref[OUTPUT_PREDICTION_SET]).sum())}
-        torch.set_num_threads(cpu_threads(cfg.threads))
         result["latency"] = {**_latency(plain, with_trust, images[:32], cfg.latency_batch, cfg.latency_seconds,
                                         cfg.threads),
-                             "cpu": cpu_name(), "threads": cpu_threads(cfg.threads),
+                             "cpu": cpu_name(), "threads": sess.threads,
                              "load_average_1min_at_start": os.getloadavg()[0],
                              "note": "in-process ONNX Runtime, both graphs in the same run, on a shared machine"}
-        del clean, sess
+        del clean
     result["seconds"] = time.time() - t0
     return result
 

@@ -64,7 +64,8 @@ class ExportConfig:
     bench_batch: int = option("batch size of the in-process speed measurement", 8)
     bench_seconds: float = option("seconds per engine speed measurement", 3.0)
     bench_threads: int = option("threads for the in-process measurements (0 = all cores)", 0)
-    serving_models_dir: Path = option("where serving keeps classifier.py / explainer.py",
+    serving_models_dir: Path = option("where serving keeps the model folders' code (classifier.py, explainer.py, "
+                                      "explain_core.py, morphocam_net.py)",
                                   PROJECT_ROOT / "serving" / "triton_models")
     progress: bool = option("print a line per step", True)
 

@@ -1,50 +1,45 @@
-"""In-process CPU engines for the exported graph, and how they are measured.
+"""The exporter's engine measurements: speed and accuracy of each CPU variant of the exported graph.
 
-:class:`OrtRunner` is ONNX Runtime with graph optimisation level ALL (the FP32 reference);
-:class:`OpenVinoRunner` compiles the same ONNX file with OpenVINO at f32 or bf16 (bf16 is
-OpenVINO's default on CPUs with AVX512-BF16/AMX; it is forced explicitly both ways here).
-The serving ``model.py`` creates the same sessions from the config's ``engine``/``precision``.
+Sessions come from :mod:`morphocam.engines`, the one factory the served classifier and the serving
+benchmark also use, with its default (served) settings: ONNX Runtime with graph optimisation ALL
+(the FP32 reference) or OpenVINO at f32 / bf16 (forced explicitly both ways: bf16 is OpenVINO's
+default on CPUs with AVX512-BF16/AMX), no spinning, sequential execution.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from morphocam.contract import INPUT_NAME, OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from morphocam.contract import OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from morphocam.engines import EngineSettings, Runner, make_runner as _factory
 from morphocam.stats import macro_f1
 
 
-def cpu_threads(requested: int = 0) -> int:
-    if requested > 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+def make_runner(engine: str, model_file: Path, precision: str, threads: int = 0) -> Runner:
+    """A runner whose call returns ``(logits, probabilities)``, built with the served settings."""
+    return _factory(model_file, EngineSettings(engine=engine, precision=precision, threads=threads),
+                    outputs=(OUTPUT_LOGITS, OUTPUT_PROBABILITIES))
 
 
-class OrtRunner:
-    engine = "onnxruntime"
+def reference_runner(model_file: Path, threads: int = 0) -> Runner:
+    """ONNX Runtime FP32: the reference every other variant is compared with."""
+    return make_runner("onnxruntime", model_file, "fp32", threads)
 
-    def __init__(self, model_file: Path, threads: int = 0, precision: str = "fp32"):
-        import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = cpu_threads(threads)
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.precision = precision
-        self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=["CPUExecutionProvider"])
+def all_outputs_runner(model_file: Path, threads: int = 0) -> Runner:
+    """ONNX Runtime FP32 returning every output of the graph in graph order (``runner.output_names``):
+    LOGITS, PROBABILITIES and, for a graph exported with them, the trust outputs — as the served
+    classifier asks for every output its config declares."""
+    return _factory(model_file, EngineSettings(threads=threads))
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, probs = self.session.run([OUTPUT_LOGITS, OUTPUT_PROBABILITIES], {INPUT_NAME: images})
-        return logits, probs
+
+def run_named(runner: Runner, images: np.ndarray) -> dict[str, np.ndarray]:
+    """One call of ``runner`` as {output name: array}."""
+    return dict(zip(runner.output_names, runner(np.ascontiguousarray(images))))
 
 
 def cpu_name() -> str:
@@ -68,34 +63,6 @@ def openvino_bf16_supported() -> bool:
         return "BF16" in [str(c).upper() for c in caps]
     except Exception:  # noqa: BLE001 - no OpenVINO or no CPU plugin: simply not a candidate
         return False
-
-
-class OpenVinoRunner:
-    engine = "openvino"
-
-    def __init__(self, model_file: Path, threads: int = 0, precision: str = "fp32"):
-        import openvino as ov
-
-        hint = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}[precision]
-        self.precision = precision
-        self.compiled = ov.Core().compile_model(str(model_file), "CPU", {
-            "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": cpu_threads(threads)})
-        self.request = self.compiled.create_infer_request()
-        names = [o.get_any_name() for o in self.compiled.outputs]
-        self._li, self._pi = names.index(OUTPUT_LOGITS), names.index(OUTPUT_PROBABILITIES)
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        res = self.request.infer({0: images})
-        return np.array(res[self._li]), np.array(res[self._pi])
-
-
-def make_runner(engine: str, model_file: Path, precision: str, threads: int = 0):
-    if engine == "onnxruntime":
-        return OrtRunner(model_file, threads, precision)
-    if engine == "openvino":
-        return OpenVinoRunner(model_file, threads, precision)
-    raise ValueError(f"unknown engine {engine!r}")
 
 
 def predict(runner, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from morphocam.contract import (INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_LOGITS, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
+from morphocam.contract import (OUTPUT_IN_DOMAIN, OUTPUT_LOGITS, OUTPUT_OOD_SCORE, OUTPUT_PREDICTION_SET,
                                 OUTPUT_PROBABILITIES, InputContract)
 from morphocam.preprocess import normalise
 
 from .errors import ExportError
-from .engines import OrtRunner, predict
+from .engines import all_outputs_runner, predict, reference_runner, run_named
 
 BOOL_MARGIN = 1e-4
 
@@ -55,9 +55,9 @@ def check_parity(net: torch.nn.Module, onnx_file: Path, images: np.ndarray, cont
     if trust is not None:
         return _check_trust_parity(net, onnx_file, images, contract, tolerance, threads, trust)
     t_logits, t_probs = torch_predict(net, images, contract)
-    o_logits, o_probs = predict(OrtRunner(onnx_file, threads), images, batch=len(images))
+    o_logits, o_probs = predict(reference_runner(onnx_file, threads), images, batch=len(images))
     # batch-size independence: the same frames one at a time
-    s_logits, _ = predict(OrtRunner(onnx_file, threads), images[:4], batch=1)
+    s_logits, _ = predict(reference_runner(onnx_file, threads), images[:4], batch=1)
     result = {
         "images": int(len(images)),
         "max_abs_prob_diff": float(np.max(np.abs(t_probs - o_probs))),
@@ -81,10 +81,9 @@ def _check_trust_parity(net, onnx_file: Path, images: np.ndarray, contract: Inpu
     # the bare network must give the same logits as the split forward used for the features
     split_vs_bare = float(np.max(np.abs(torch_predict(net, frames[:4], contract)[0] - t_logits[:4])))
     ref = trust.reference(feats, t_logits)
-    runner = OrtRunner(onnx_file, threads)
-    names = [o.name for o in runner.session.get_outputs()]
-    got = dict(zip(names, runner.session.run(None, {INPUT_NAME: frames})))
-    single = dict(zip(names, runner.session.run(None, {INPUT_NAME: frames[:1]})))
+    runner = all_outputs_runner(onnx_file, threads)
+    got = run_named(runner, frames)
+    single = run_named(runner, frames[:1])
     ood_rel = np.abs(got[OUTPUT_OOD_SCORE] - ref[OUTPUT_OOD_SCORE]) / np.maximum(1.0, np.abs(ref[OUTPUT_OOD_SCORE]))
     near_ood = np.abs(ref[OUTPUT_OOD_SCORE] - 1.0) < BOOL_MARGIN
     near_set = np.abs(ref["SET_SCORES"] - trust.qhat) < BOOL_MARGIN

@@ -92,15 +92,19 @@ def classifier_config(name: str, contract: InputContract, *, target: str = "cpu"
 def explainer_config(name: str, contract: InputContract, checkpoint_sha256: str, *, max_batch_size: int = 8,
                      queue_delay_us: int = 5000, checkpoint: str = "model.safetensors",
                      threads: int = 1, max_queue_size: int = 64,
-                     queue_timeout_us: int = 30_000_000) -> mc.ModelConfig:
-    """Grad-CAM++ model (Python backend, PyTorch): probabilities, heatmap, PNG overlay, class used."""
+                     queue_timeout_us: int = 30_000_000, target: str = "cpu") -> mc.ModelConfig:
+    """Grad-CAM++ model (Python backend, PyTorch): probabilities, heatmap, PNG overlay, class used.
+
+    One instance: KIND_CPU for the ``cpu`` target, KIND_GPU for the GPU targets (the model.py then
+    runs PyTorch on the instance's CUDA device)."""
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
     _io(contract, cfg)
     cfg.input.add(name=EXPLAIN_TARGET, data_type=mc.TYPE_INT32, dims=[1], optional=True)
     cfg.output.add(name=EXPLAIN_HEATMAP, data_type=mc.TYPE_FP32, dims=[contract.height, contract.width])
     cfg.output.add(name=EXPLAIN_OVERLAY_PNG, data_type=mc.TYPE_STRING, dims=[1])
     cfg.output.add(name=EXPLAIN_TARGET_USED, data_type=mc.TYPE_INT32, dims=[1])
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    cfg.instance_group.add(count=1, kind=kind)
     # Bounded queue: explanation overload is rejected fast instead of queueing without limit.
     _batching(cfg, queue_delay_us, max_queue_size, queue_timeout_us)
     _params(cfg, {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "threads": threads})

@@ -7,8 +7,13 @@ that already exists is replaced whole). A failure at any step leaves the output 
 Layout (target ``cpu``)::
 
     <repo>/morphocam_<dataset>/          config.pbtxt, labels.txt, model_card.json, warmup/IMAGES,
-                                         1/model.py, 1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
-    <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/model.safetensors(.sha256)
+                                         1/model.py, 1/morphocam_engines.py (the engine factory model.py imports),
+                                         1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
+    <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/explain_core.py,
+                                         1/morphocam_net.py, 1/model.safetensors(.sha256)
+
+The ``.py`` files come unchanged from ``serving/triton_models/`` and the core package's engine factory
+(:data:`MODEL_FILES`), so that each model folder runs without the project installed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphocam import engines as engine_factory
 from morphocam.atomic import replace_dir
 from morphocam.contract import DATASET_CLASSES, EXPLAIN_SUFFIX, INPUT_NAME, InputContract, model_name_for
 
@@ -31,8 +37,14 @@ from . import engines as E
 from . import pbtxt
 from .config import ExportConfig
 
-CLASSIFIER_SOURCE = "classifier.py"
-EXPLAINER_SOURCE = "explainer.py"
+# Which serving source becomes which file in a model's version folder ({file in 1/: source file}).
+# An absolute source path (the core package's engine factory) is taken as it is.
+MODEL_FILES = {
+    "classifier": {"model.py": "classifier.py",
+                   engine_factory.VERSION_FOLDER_NAME: Path(engine_factory.__file__).resolve()},
+    "explainer": {"model.py": "explainer.py", "explain_core.py": "explain_core.py",
+                  "morphocam_net.py": "morphocam_net.py"},
+}
 
 
 def log(cfg: ExportConfig, msg: str) -> None:
@@ -68,12 +80,19 @@ class ModelResult:
     card: dict = field(default_factory=dict)
 
 
-def _serving_source(cfg: ExportConfig, filename: str) -> Path:
-    src = Path(cfg.serving_models_dir) / filename
-    if not src.is_file():
-        raise ExportError(f"serving model file {src} is missing: the repository needs it as 1/model.py "
-                          f"(written by the serving stage; pass --serving-models-dir)")
-    return src
+def _serving_sources(cfg: ExportConfig, kind: str) -> dict[str, Path]:
+    """{file in the version folder: its source under ``cfg.serving_models_dir``}; all must exist."""
+    sources = {dest: Path(cfg.serving_models_dir) / src for dest, src in MODEL_FILES[kind].items()}
+    for dest, src in sources.items():
+        if not src.is_file():
+            raise ExportError(f"serving model file {src} is missing: the repository needs it as 1/{dest} "
+                              f"(written by the serving stage; pass --serving-models-dir)")
+    return sources
+
+
+def _copy_sources(cfg: ExportConfig, kind: str, version_dir: Path) -> None:
+    for dest, src in _serving_sources(cfg, kind).items():
+        shutil.copyfile(src, version_dir / dest)
 
 
 def _eval_set(cfg: ExportConfig, checkpoint: Path, root: Path, contract: InputContract):
@@ -106,6 +125,27 @@ def _choose(cfg: ExportConfig, ms: list[E.Measurement], int8_kept: bool) -> E.Me
     best = max(ok, key=lambda m: m.images_per_second)
     # a variant replaces the ONNX Runtime FP32 reference only if it is clearly faster, not by noise
     return best if best.images_per_second > ref.images_per_second * (1 + cfg.speed_margin) else ref
+
+
+def int8_decision(ms: list[E.Measurement], speed_margin: float, max_drop_points: float) -> tuple[bool, str]:
+    """Whether the INT8 graph is kept, and why: its fastest engine must be more than ``speed_margin``
+    faster than the fastest FP32 variant and lose at most ``max_drop_points`` accuracy points against
+    the ONNX Runtime FP32 reference (``ms[0]``) on the same images."""
+    best_fp32 = max(m.images_per_second for m in ms if m.precision == "fp32")
+    int8s = [m for m in ms if m.precision == "int8"]
+    if not int8s:
+        return False, "no engine could run the INT8 graph"
+    best = max(int8s, key=lambda m: m.images_per_second)
+    drop = (ms[0].accuracy - best.accuracy) * 100
+    faster = best.images_per_second > best_fp32 * (1 + speed_margin)
+    kept = faster and drop <= max_drop_points
+    why = (f"{best.engine} INT8 {best.images_per_second:.1f} img/s vs best FP32 {best_fp32:.1f}; "
+           f"accuracy {best.accuracy:.4f} vs FP32 {ms[0].accuracy:.4f} ({drop:+.2f} points drop, bound "
+           f"{max_drop_points}); macro-F1 {best.macro_f1:.4f} vs {ms[0].macro_f1:.4f}: "
+           + ("kept" if kept else "not kept (" + ", ".join(
+               r for r, bad in (("not faster", not faster), ("too much accuracy lost", drop > max_drop_points))
+               if bad) + ")"))
+    return kept, why
 
 
 def _measure_cpu(cfg: ExportConfig, version_dir: Path, images, labels, k: int, calibration) -> dict:
@@ -145,21 +185,7 @@ def _measure_cpu(cfg: ExportConfig, version_dir: Path, images, labels, k: int, c
                  f"accuracy {m.accuracy:.4f}, macro-F1 {m.macro_f1:.4f}, agreement with FP32 {m.agreement_with_fp32:.4f}")
     int8_kept, why = False, "not tried (--int8 false)"
     if int8_info is not None:
-        best_fp32 = max(m.images_per_second for m in ms if m.precision == "fp32")
-        int8s = [m for m in ms if m.precision == "int8"]
-        if not int8s:
-            why = "no engine could run the INT8 graph"
-        else:
-            best = max(int8s, key=lambda m: m.images_per_second)
-            drop = (ms[0].accuracy - best.accuracy) * 100
-            faster = best.images_per_second > best_fp32 * (1 + cfg.speed_margin)
-            int8_kept = faster and drop <= cfg.int8_max_drop
-            why = (f"{best.engine} INT8 {best.images_per_second:.1f} img/s vs best FP32 {best_fp32:.1f}; "
-                   f"accuracy {best.accuracy:.4f} vs FP32 {ms[0].accuracy:.4f} ({drop:+.2f} points drop, bound "
-                   f"{cfg.int8_max_drop}); macro-F1 {best.macro_f1:.4f} vs {ms[0].macro_f1:.4f}: "
-                   + ("kept" if int8_kept else "not kept (" + ", ".join(
-                       r for r, bad in (("not faster", not faster), ("too much accuracy lost", drop > cfg.int8_max_drop))
-                       if bad) + ")"))
+        int8_kept, why = int8_decision(ms, cfg.speed_margin, cfg.int8_max_drop)
         int8_info.update(kept=int8_kept, decision=why)
         log(cfg, f"  INT8 {why}")
     chosen = _choose(cfg, ms, int8_kept)
@@ -172,10 +198,134 @@ def _measure_cpu(cfg: ExportConfig, version_dir: Path, images, labels, k: int, c
                     f"on the test split and more than {cfg.speed_margin:.0%} faster than it (INT8 only if kept)"}
 
 
-def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResult:
+@dataclass
+class Served:
+    """Which engine, precision and graph file the classifier's config.pbtxt names, and the card's
+    engine measurements (None when nothing was measured)."""
+    engine: str = "onnxruntime"
+    precision: str = "fp32"
+    model_file: str = "model.onnx"
+    card_engines: dict | None = None
+
+
+def _write_graph(cfg: ExportConfig, net, contract: InputContract, onnx_file: Path, images,
+                 trust=None) -> tuple[dict, dict]:
+    """Export the ONNX graph (with the fitted trust outputs, if any) and check it against the checkpoint
+    on real images: (graph info, parity)."""
     from .onnx_export import export_onnx
     from .parity import check_parity
 
+    log(cfg, f"  exporting ONNX ({cfg.exporter}, opset {cfg.opset})")
+    graph = export_onnx(net, contract, onnx_file, cfg.opset, cfg.exporter, trust=trust)
+    log(cfg, f"  ONNX: {graph['nodes']} nodes, {graph['bytes'] / 1e6:.1f} MB, exporter {graph['exporter']}; onnx.checker ok")
+    par = check_parity(net, onnx_file, images[: cfg.parity_images], contract, cfg.parity_tolerance, cfg.bench_threads,
+                       trust=trust)
+    log(cfg, f"  parity on {par['images']} real images: max |Δprob| {par['max_abs_prob_diff']:.2e}, "
+             f"max |Δlogit| {par['max_abs_logit_diff']:.2e} (tolerance {cfg.parity_tolerance:g}) ok")
+    if trust is not None:
+        log(cfg, f"  trust parity (+ a blank and a noise frame, IN_DOMAIN {par['synthetic_in_domain']}): max relative "
+                 f"|ΔOOD_SCORE| {par['max_rel_ood_score_diff']:.2e}, IN_DOMAIN / PREDICTION_SET mismatches "
+                 f"{par['in_domain_mismatches']} / {par['prediction_set_mismatches']}")
+    return graph, par
+
+
+def _cpu_variant(cfg: ExportConfig, version_dir: Path, root: Path, contract: InputContract, test, images, labels,
+                 eval_what: str) -> Served:
+    """The CPU target: measure the engines and release the rule's choice, or take the flags as given;
+    then put the classifier's ``model.py``, the engine factory it imports and the contract beside the graph."""
+    if cfg.measure:
+        calibration = (D.calibration_images(root, contract, test, cfg.calibration_size, cfg.calibration_dir)
+                       if (cfg.int8 or cfg.precision == "int8") else None)
+        log(cfg, "  measuring CPU engines (speed on this machine, accuracy on the real images above)")
+        res = _measure_cpu(cfg, version_dir, images, labels, contract.num_classes, calibration)
+        chosen = res.pop("chosen")
+        served = Served(chosen.engine, chosen.precision, chosen.model_file)
+        served.card_engines = {**res, "threads": engine_factory.EngineSettings(threads=cfg.bench_threads).resolved_threads(),
+                               "batch": cfg.bench_batch, "images": eval_what, "cpu": E.cpu_name(),
+                               "released": {"engine": served.engine, "precision": served.precision,
+                                            "model_file": served.model_file}}
+        log(cfg, f"  released variant: {served.engine} {served.precision} ({served.model_file})")
+    else:
+        if cfg.precision == "int8":
+            raise ExportError("--precision int8 needs --measure true (INT8 is calibrated and checked there)")
+        served = Served("openvino" if cfg.engine == "openvino" or cfg.precision == "bf16" else "onnxruntime",
+                        "fp32" if cfg.precision == "auto" else cfg.precision)
+    # model.py runs in the Triton stub, where the project is not installed: the factory travels with it.
+    _copy_sources(cfg, "classifier", version_dir)
+    contract.save(version_dir / "contract.json")
+    return served
+
+
+def _gpu_variant(cfg: ExportConfig, onnx_file: Path, contract: InputContract) -> Served:
+    """The GPU targets: a TensorRT plan built here, or Triton's ONNX Runtime backend building it itself."""
+    if cfg.target == "tensorrt":
+        from .tensorrt_build import build_plan
+
+        log(cfg, "  building TensorRT FP16 plan")
+        plan = build_plan(onnx_file, onnx_file.with_name("model.plan"), contract, cfg.max_batch_size)
+        onnx_file.unlink()
+        return Served("tensorrt", "fp16", "model.plan", {"tensorrt": plan})
+    return Served("onnxruntime+tensorrt", "fp16")  # gpu-onnx-trt
+
+
+def _write_classifier_folder(cfg: ExportConfig, name: str, contract: InputContract, model_dir: Path, images,
+                             served: Served, trust: bool = False) -> str | None:
+    """labels, the warm-up frame, config.pbtxt and the graph's sha256 sidecar; returns that sha256."""
+    (model_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
+    (model_dir / pbtxt.WARMUP_DIR).mkdir()
+    (model_dir / pbtxt.WARMUP_DIR / INPUT_NAME).write_bytes(np.ascontiguousarray(images[0], np.uint8).tobytes())
+    cfg_msg = pbtxt.classifier_config(
+        name, contract, target=cfg.target, max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
+        max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
+        engine=served.engine, precision=served.precision, model_file=served.model_file, threads=cfg.threads,
+        trust=trust)
+    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
+    # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
+    graph_file = model_dir / "1" / served.model_file
+    if not graph_file.is_file():
+        return None
+    from morphocam.training.checkpoint import file_sha256
+
+    model_sha256 = file_sha256(graph_file)
+    graph_file.with_name(f"{served.model_file}.sha256").write_text(f"{model_sha256}  {served.model_file}\n")
+    return model_sha256
+
+
+def _model_card(cfg: ExportConfig, name: str, checkpoint: Path, digest: str, net, meta: dict,
+                contract: InputContract, root: Path, graph: dict, par: dict, recorded_diff, served: Served,
+                model_sha256: str | None) -> dict:
+    """model_card.json: data, contract, network, checkpoint, export checks and engine measurements."""
+    return {
+        "name": name, "version": 1, "target": cfg.target,
+        "data": {"dataset": contract.dataset, "classes": list(contract.classes), "root": str(root),
+                 "fingerprint": meta.get("data_fingerprint"), "split": meta.get("split")},
+        "contract": contract.to_dict(),
+        "model": {"arch": meta["arch"], "cbam": meta["use_cbam"], "weights": meta.get("weights"),
+                  "parameters": int(sum(p.numel() for p in net.parameters()))},
+        "metrics": meta.get("metrics"),
+        "checkpoint": {"file": checkpoint.name, "sha256": digest, "created": meta.get("created"),
+                       "code_version": meta.get("code_version")},
+        "export": {**graph, "parity": par, "recorded_test_probs_max_abs_diff": recorded_diff,
+                   "engine": served.engine, "precision": served.precision, "model_file": served.model_file,
+                   "model_sha256": model_sha256,
+                   "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
+        "engines": served.card_engines,
+    }
+
+
+def _recorded_diff(cfg: ExportConfig, net, images, recorded, contract: InputContract) -> float | None:
+    """Max |Δprob| between PyTorch on the re-decoded test images and what training recorded for them."""
+    if recorded is None:
+        return None
+    from .parity import torch_predict
+
+    n = min(len(images), cfg.parity_images)
+    return float(np.max(np.abs(torch_predict(net, images[:n], contract)[1] - recorded[:n])))
+
+
+def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResult:
+    """One checkpoint -> its classifier folder (and explainer folder) in ``staging``, every check passed."""
     t0 = time.time()
     checkpoint = Path(checkpoint)
     log(cfg, f"{checkpoint}: verifying checkpoint")
@@ -190,105 +340,27 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     model_dir = staging / name
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    onnx_file = version_dir / "model.onnx"
     trust = _fit_trust(cfg, net, meta, root, contract) if cfg.trust else None
-    log(cfg, f"  exporting ONNX ({cfg.exporter}, opset {cfg.opset})")
-    graph = export_onnx(net, contract, onnx_file, cfg.opset, cfg.exporter, trust=trust)
-    log(cfg, f"  ONNX: {graph['nodes']} nodes, {graph['bytes'] / 1e6:.1f} MB, exporter {graph['exporter']}; onnx.checker ok")
-    par = check_parity(net, onnx_file, images[: cfg.parity_images], contract, cfg.parity_tolerance, cfg.bench_threads,
-                       trust=trust)
-    log(cfg, f"  parity on {par['images']} real images: max |Δprob| {par['max_abs_prob_diff']:.2e}, "
-             f"max |Δlogit| {par['max_abs_logit_diff']:.2e} (tolerance {cfg.parity_tolerance:g}) ok")
-    if trust is not None:
-        log(cfg, f"  trust parity (+ a blank and a noise frame, IN_DOMAIN {par['synthetic_in_domain']}): max relative "
-                 f"|ΔOOD_SCORE| {par['max_rel_ood_score_diff']:.2e}, IN_DOMAIN / PREDICTION_SET mismatches "
-                 f"{par['in_domain_mismatches']} / {par['prediction_set_mismatches']}")
-
-    card_engines = None
-    engine, precision, model_file = "onnxruntime", "fp32", "model.onnx"
-    if cfg.target == "cpu":
-        if cfg.measure:
-            calibration = (D.calibration_images(root, contract, test, cfg.calibration_size, cfg.calibration_dir)
-                           if (cfg.int8 or cfg.precision == "int8") else None)
-            log(cfg, "  measuring CPU engines (speed on this machine, accuracy on the real images above)")
-            res = _measure_cpu(cfg, version_dir, images, labels, contract.num_classes, calibration)
-            chosen = res.pop("chosen")
-            engine, precision, model_file = chosen.engine, chosen.precision, chosen.model_file
-            card_engines = {**res, "threads": E.cpu_threads(cfg.bench_threads), "batch": cfg.bench_batch,
-                            "images": eval_what, "cpu": E.cpu_name(),
-                            "released": {"engine": engine, "precision": precision, "model_file": model_file}}
-            log(cfg, f"  released variant: {engine} {precision} ({model_file})")
-        else:
-            if cfg.precision == "int8":
-                raise ExportError("--precision int8 needs --measure true (INT8 is calibrated and checked there)")
-            engine = "openvino" if cfg.engine == "openvino" or cfg.precision == "bf16" else "onnxruntime"
-            precision = "fp32" if cfg.precision == "auto" else cfg.precision
-        shutil.copyfile(_serving_source(cfg, CLASSIFIER_SOURCE), version_dir / "model.py")
-        contract.save(version_dir / "contract.json")
-    elif cfg.target == "tensorrt":
-        from .tensorrt_build import build_plan
-
-        log(cfg, "  building TensorRT FP16 plan")
-        card_engines = {"tensorrt": build_plan(onnx_file, version_dir / "model.plan", contract, cfg.max_batch_size)}
-        onnx_file.unlink()
-        engine, precision, model_file = "tensorrt", "fp16", "model.plan"
-    else:  # gpu-onnx-trt: Triton's ONNX Runtime backend builds the TensorRT engine itself
-        engine, precision = "onnxruntime+tensorrt", "fp16"
-
-    (model_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
-    (model_dir / pbtxt.WARMUP_DIR).mkdir()
-    (model_dir / pbtxt.WARMUP_DIR / INPUT_NAME).write_bytes(np.ascontiguousarray(images[0], np.uint8).tobytes())
-    cfg_msg = pbtxt.classifier_config(
-        name, contract, target=cfg.target, max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
-        max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
-        engine=engine, precision=precision, model_file=model_file, threads=cfg.threads, trust=trust is not None)
-    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
-    # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
-    model_sha256 = None
-    if (version_dir / model_file).is_file():
-        from morphocam.training.checkpoint import file_sha256
-
-        model_sha256 = file_sha256(version_dir / model_file)
-        (version_dir / f"{model_file}.sha256").write_text(f"{model_sha256}  {model_file}\n")
-
-    recorded_diff = None
-    if recorded is not None:
-        from .parity import torch_predict
-
-        # the re-decoded test images through PyTorch must give the probabilities training recorded
-        n = min(len(images), cfg.parity_images)
-        recorded_diff = float(np.max(np.abs(torch_predict(net, images[:n], contract)[1] - recorded[:n])))
-    card = {
-        "name": name, "version": 1, "target": cfg.target,
-        "data": {"dataset": contract.dataset, "classes": list(contract.classes), "root": str(root),
-                 "fingerprint": meta.get("data_fingerprint"), "split": meta.get("split")},
-        "contract": contract.to_dict(),
-        "model": {"arch": meta["arch"], "cbam": meta["use_cbam"], "weights": meta.get("weights"),
-                  "parameters": int(sum(p.numel() for p in net.parameters()))},
-        "metrics": meta.get("metrics"),
-        "checkpoint": {"file": checkpoint.name, "sha256": digest, "created": meta.get("created"),
-                       "code_version": meta.get("code_version")},
-        "export": {**graph, "parity": par, "recorded_test_probs_max_abs_diff": recorded_diff,
-                   "engine": engine, "precision": precision, "model_file": model_file,
-                   "model_sha256": model_sha256,
-                   "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
-        "engines": card_engines,
-        "trust": None if trust is None else {**trust.card, "outputs": TRUST_CONTRACT},
-    }
+    graph, par = _write_graph(cfg, net, contract, version_dir / "model.onnx", images, trust)
+    served = (_cpu_variant(cfg, version_dir, root, contract, test, images, labels, eval_what) if cfg.target == "cpu"
+              else _gpu_variant(cfg, version_dir / "model.onnx", contract))
+    model_sha256 = _write_classifier_folder(cfg, name, contract, model_dir, images, served, trust is not None)
+    card = _model_card(cfg, name, checkpoint, digest, net, meta, contract, root, graph, par,
+                       _recorded_diff(cfg, net, images, recorded, contract), served, model_sha256)
+    card["trust"] = None if trust is None else {**trust.card, "outputs": TRUST_CONTRACT}
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     result = ModelResult(name, [model_dir], card)
 
-    if cfg.explain and cfg.target == "cpu":
+    if cfg.explain:
         exp_name = name + EXPLAIN_SUFFIX
         exp_dir = staging / exp_name
         (exp_dir / "1").mkdir(parents=True)
-        shutil.copyfile(_serving_source(cfg, EXPLAINER_SOURCE), exp_dir / "1" / "model.py")
+        _copy_sources(cfg, "explainer", exp_dir / "1")
         shutil.copyfile(checkpoint, exp_dir / "1" / "model.safetensors")
         (exp_dir / "1" / "model.safetensors.sha256").write_text(f"{digest}  model.safetensors\n")
         (exp_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
         exp_cfg = pbtxt.explainer_config(exp_name, contract, digest, max_batch_size=cfg.explain_max_batch_size,
-                                         queue_delay_us=cfg.explain_queue_delay_us)
+                                         queue_delay_us=cfg.explain_queue_delay_us, target=cfg.target)
         (exp_dir / "config.pbtxt").write_text(pbtxt.to_text(exp_cfg))
         result.folders.append(exp_dir)
     log(cfg, f"  {name}: done in {time.time() - t0:.1f}s")
@@ -335,9 +407,9 @@ def write_repository(cfg: ExportConfig) -> list[ModelResult]:
 
         require_tensorrt()  # before any work
     if cfg.target == "cpu":
-        _serving_source(cfg, CLASSIFIER_SOURCE)
-        if cfg.explain:
-            _serving_source(cfg, EXPLAINER_SOURCE)
+        _serving_sources(cfg, "classifier")
+    if cfg.explain:
+        _serving_sources(cfg, "explainer")
     out = Path(cfg.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))

@@ -1,11 +1,18 @@
 """Serving stage: the real NVIDIA Triton Inference Server on this machine, and its Python-backend models.
 
-- :mod:`morphocam.serving.launcher` finds the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel,
-  assembles the Python backend, starts/stops the server (:class:`morphocam.serving.launcher.TritonServer`).
+- :mod:`morphocam.serving.launcher`: :class:`~morphocam.serving.launcher.TritonServer`, the server's lifecycle
+  (start, wait until every model is ready, stop, clean up). It composes:
+  :mod:`.triton_install` (the ``nvidia-pytriton`` wheel's binary, Python backend and environment),
+  :mod:`.ports` (free ports, the in-use check), :mod:`.processes` (the stub process tree, via psutil),
+  :mod:`.shm` (the Python backend's ``/dev/shm`` segments), :mod:`.health` (liveness, readiness and
+  the model index over HTTP) and :mod:`.errors`.
 - :mod:`morphocam.serving.cli` is ``morphocam-serve``.
-- ``serving/triton_models/classifier.py`` and ``explainer.py`` are the ``model.py`` files the export
-  stage copies into the model repository.
-- :mod:`morphocam.serving.faithfulness` checks that Grad-CAM++ heatmaps mean something.
-"""
+- ``serving/triton_models/``: the code that runs inside Triton, standalone (no ``morphocam`` imports);
+  the exporter copies it into each model's version folder (classifier ``model.py``; explainer ``model.py``
+  + ``explain_core.py`` + ``morphocam_net.py``).
+- :mod:`morphocam.serving.explain` (Grad-CAM++ in-process) and :mod:`morphocam.serving.faithfulness`
+  (checks that the heatmaps mean something).
 
-from .launcher import PortInUseError, ServerStartError, TritonServer, free_port  # noqa: F401
+Nothing is imported here, so that ``morphocam.serving.triton_models.morphocam_net`` (which training
+imports) loads without the server machinery.
+"""

@@ -6,9 +6,10 @@
 Waits until the server and every model (warm-up included) are ready, prints the endpoints, and on
 SIGINT/SIGTERM stops the server cleanly (no stub processes or /dev/shm segments left behind).
 
-The same repository exported for the GPU target runs unchanged on NGC's container, e.g.
-``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository:/models
-nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models``.
+A repository exported for the GPU target runs on NGC's container, e.g.
+``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository_gpu:/models
+nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models``, once the explain
+models' pip packages are installed in it (README, "Serving"): the model folders carry their own code.
 """
 
 from __future__ import annotations
@@ -44,13 +45,26 @@ class ServeConfig:
                                                                 "others fail (Triton --exit-on-error=false)"})
 
 
+def exposure_warning(host: str, tls: bool) -> str | None:
+    """What a non-loopback bind exposes, or None on loopback. With gRPC TLS the warning says what TLS
+    does not cover: no client authentication, and HTTP and metrics still in plaintext on the same host."""
+    if host in LOOPBACK_HOSTS:
+        return None
+    if tls:
+        return (f"binding to {host}: gRPC is encrypted (TLS) but has no client authentication, and HTTP and "
+                f"metrics are plaintext on the same address; anyone who can reach it can run inference. "
+                f"Firewall the HTTP and metrics ports or put the server behind an authenticating proxy.")
+    return (f"binding to {host}: the server has no authentication or TLS; anyone who can reach this address "
+            f"can run inference and read metrics. Use --grpc-ssl-cert/--grpc-ssl-key and put it behind a "
+            f"proxy or firewall.")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv, "Serve morphocam models with NVIDIA Triton Inference Server (CPU).",
                        prog="morphocam-serve")
-    if cfg.host not in LOOPBACK_HOSTS:
-        print(f"warning: binding to {cfg.host}: the server has no authentication or TLS; anyone who can reach "
-              f"this address can run inference and read metrics. Put it behind a proxy or firewall.",
-              file=sys.stderr)
+    warning = exposure_warning(cfg.host, tls=cfg.grpc_ssl_cert is not None)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     repo = Path(cfg.model_repository)
     if not repo.is_dir() or not any(repo.iterdir()):
         print(f"error: model repository {repo} is missing or empty; create it with morphocam-export",

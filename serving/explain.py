@@ -1,105 +1,21 @@
-"""Grad-CAM++ on a morphocam checkpoint: the engine behind the ``<model>_explain`` Triton model.
+"""Grad-CAM++ in the project: the served explainer's own code, with the project's input contract.
 
-Used in-process by the explainer's ``model.py``, by :mod:`morphocam.serving.faithfulness` and by tests, so
-the served heatmaps and the checked heatmaps are the same computation.
+The computation lives in the standalone ``serving/triton_models/explain_core.py`` (copied into every
+explain model folder); this module adds what only the project has, :class:`morphocam.contract.InputContract`,
+for :mod:`morphocam.serving.faithfulness`, the benchmarks and the tests.
 """
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn as nn
-
 from morphocam.contract import InputContract
-from morphocam.preprocess import normalise
+
+from .triton_models import explain_core
+from .triton_models.explain_core import overlay_png, target_layer  # noqa: F401 - public names of this module
 
 
-class _PredictedClass:
-    """Grad-CAM target = the model's own top class (computed from the same forward pass)."""
-
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        if output.ndim == 1:
-            return output[int(output.argmax())]
-        return output[:, output.argmax(dim=-1)]
-
-
-def target_layer(model: nn.Module) -> nn.Module:
-    """The CBAM output (``model.attention``); for a baseline without CBAM, the backbone's final features."""
-    attention = getattr(model, "attention", None)
-    if attention is not None and not isinstance(attention, nn.Identity):
-        return attention
-    return model.features
-
-
-class Explainer:
-    """Grad-CAM++ (``pytorch_grad_cam.GradCAMPlusPlus``) for a loaded MorphoNet."""
-
-    def __init__(self, model: nn.Module, contract: InputContract):
-        from pytorch_grad_cam import GradCAMPlusPlus
-
-        self.model = model.eval()
-        self.contract = contract
-        self.cam = GradCAMPlusPlus(model=self.model, target_layers=[target_layer(self.model)])
-
-    @classmethod
-    def from_checkpoint(cls, path: Path, expected_sha256: str | None = None) -> "Explainer":
-        from morphocam.training.checkpoint import contract_of, load_checkpoint, verify_sha256
-
-        verify_sha256(Path(path), expected_sha256 or None)  # parameter first, else the sidecar
-        model, meta = load_checkpoint(Path(path), verify=False)
-        return cls(model, contract_of(meta))
+class Explainer(explain_core.Explainer):
+    """:class:`explain_core.Explainer` plus :attr:`contract`."""
 
     @property
-    def num_classes(self) -> int:
-        return self.contract.num_classes
-
-    def check_targets(self, targets: np.ndarray | None, n: int) -> np.ndarray:
-        """Per-frame target classes (int, -1 = predicted); raises ValueError naming the valid range."""
-        if targets is None:
-            return np.full(n, -1, np.int64)
-        t = np.asarray(targets).reshape(-1).astype(np.int64)
-        if t.size == 1 and n > 1:
-            t = np.repeat(t, n)
-        if t.size != n:
-            raise ValueError(f"TARGET_CLASS has {t.size} values for {n} frames (give one per frame)")
-        bad = t[(t < -1) | (t >= self.num_classes)]
-        if bad.size:
-            names = ", ".join(f"{i}={c}" for i, c in enumerate(self.contract.classes))
-            raise ValueError(f"TARGET_CLASS {int(bad[0])} out of range: valid classes are 0..{self.num_classes - 1} "
-                             f"({names}) or -1 for the predicted class")
-        return t
-
-    def explain(self, frames: np.ndarray, targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """uint8 [n,H,W,3] -> probabilities [n,K], heatmap [n,H,W] float32 in [0,1], target used [n]."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        t = self.check_targets(targets, frames.shape[0])
-        x = torch.from_numpy(normalise(frames, self.contract.mean, self.contract.std))
-        cam_targets = [_PredictedClass() if c < 0 else ClassifierOutputTarget(int(c)) for c in t]
-        heat = self.cam(input_tensor=x, targets=cam_targets)
-        logits = self.cam.outputs.detach()
-        probs = torch.softmax(logits.float(), dim=-1).numpy().astype(np.float32)
-        used = np.where(t < 0, probs.argmax(axis=1), t).astype(np.int32)
-        heat = np.nan_to_num(np.asarray(heat, np.float32), nan=0.0)
-        return {"probabilities": probs, "logits": logits.numpy().astype(np.float32),
-                "heatmap": np.clip(heat, 0.0, 1.0), "target": used}
-
-    @torch.no_grad()
-    def probabilities(self, frames: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(normalise(frames, self.contract.mean, self.contract.std))
-        return torch.softmax(self.model(x).float(), dim=-1).numpy()
-
-
-def overlay_png(frame: np.ndarray, heatmap: np.ndarray) -> bytes:
-    """The heatmap (jet colour map, half weight) over the uint8 RGB frame, PNG-encoded."""
-    from PIL import Image
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    rgb = frame.astype(np.float32) / 255.0
-    over = show_cam_on_image(rgb, heatmap.astype(np.float32), use_rgb=True)
-    buf = io.BytesIO()
-    Image.fromarray(over, mode="RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    def contract(self) -> InputContract:
+        return InputContract.from_dict(self.meta["contract"])

@@ -1,4 +1,11 @@
-"""Shared pytest fixtures: where the real datasets and the released artefacts are."""
+"""Shared pytest fixtures: where the real datasets and the released artefacts are.
+
+The suite runs on the real datasets (``../shared/datasets`` or ``$MORPHOCAM_DATA``) and the committed
+artefacts. When one is missing, the tests that need it FAIL with what is missing and where it was
+looked for, so that a clone without the data cannot pass CI with half the suite quietly skipped.
+Set ``MORPHOCAM_ALLOW_MISSING_DATA=1`` to skip those tests instead (the skip reasons are listed at the
+end of the run: ``-ra`` is in pytest's addopts).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,26 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+ALLOW_MISSING_DATA_ENV = "MORPHOCAM_ALLOW_MISSING_DATA"
+
+
 def datasets_root() -> Path:
     return Path(os.environ.get("MORPHOCAM_DATA", REPO_ROOT.parent / "shared" / "datasets"))
+
+
+def missing_data(what: str) -> None:
+    """Fail (or, with MORPHOCAM_ALLOW_MISSING_DATA=1, skip) the current test: ``what`` is missing."""
+    if os.environ.get(ALLOW_MISSING_DATA_ENV) == "1":
+        pytest.skip(f"{what} ({ALLOW_MISSING_DATA_ENV}=1)")
+    pytest.fail(f"{what}. The suite needs it; set {ALLOW_MISSING_DATA_ENV}=1 to skip the tests that need it "
+                "instead", pytrace=False)
+
+
+def pytest_report_header(config):
+    root = datasets_root()
+    found = [name for name in ("hushem", "smids") if (root / name).is_dir()]
+    return (f"morphocam datasets: {root} ({', '.join(found) or 'NOT FOUND'}); "
+            f"{ALLOW_MISSING_DATA_ENV}={os.environ.get(ALLOW_MISSING_DATA_ENV, '0')}")
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +48,7 @@ def repo_root() -> Path:
 def hushem_dir() -> Path:
     path = datasets_root() / "hushem"
     if not path.is_dir():
-        pytest.skip(f"HuSHem dataset not found at {path} (set MORPHOCAM_DATA)")
+        missing_data(f"HuSHem dataset not found at {path} (set MORPHOCAM_DATA to the folder holding hushem/)")
     return path
 
 
@@ -31,7 +56,7 @@ def hushem_dir() -> Path:
 def smids_dir() -> Path:
     path = datasets_root() / "smids"
     if not path.is_dir():
-        pytest.skip(f"SMIDS dataset not found at {path} (set MORPHOCAM_DATA)")
+        missing_data(f"SMIDS dataset not found at {path} (set MORPHOCAM_DATA to the folder holding smids/)")
     return path
 
 
@@ -46,7 +71,7 @@ def serving_repository(tmp_path_factory) -> Path:
     """A model repository in the agreed layout, built from the serving checkpoint."""
     checkpoint = serving_checkpoint_path()
     if not checkpoint.is_file():
-        pytest.skip(f"no checkpoint at {checkpoint} (run morphocam-train)")
+        missing_data(f"released HuSHem checkpoint not found at {checkpoint} (committed; or run morphocam-train)")
     from morphocam.export.config import ExportConfig
     from morphocam.export.repository import write_repository
 

@@ -63,7 +63,6 @@ def start_server(repo: Path, grpc_port: int = 0):
     from morphocam.serving.launcher import TritonServer
 
     srv = TritonServer(repo, grpc_port=grpc_port, http_port=0, metrics_port=0, startup_timeout=240)
-    srv.check_ports = lambda: None  # a restart reuses ports that may still hold TIME_WAIT connections
     return srv.start()
 
 

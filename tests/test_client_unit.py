@@ -329,8 +329,15 @@ def test_report_who_flag_below_four_percent():
     assert r["cells_assessed"] == 250 and r["normal_forms_pct"] == 2.8
     assert r["who_reference"]["status"] == "below the WHO lower reference limit"
     assert not any("cells assessed;" in f for f in r["flags"])
-    assert WHO_MIN_CELLS == 200
     assert any("spans" in f for f in r["flags"])  # CI 1.4-5.7% crosses 4%
+
+
+@pytest.mark.parametrize("cells,flagged", [(WHO_MIN_CELLS - 1, True), (WHO_MIN_CELLS, False)])
+def test_report_small_sample_flag_at_the_who_minimum(cells, flagged):
+    records = [{"frame_id": str(i), "status": "ok", "predicted_class": "Normal" if i % 10 == 0 else "Tapered"}
+               for i in range(cells)]
+    r = build_report(records, classes=HUSHEM)
+    assert any(f"only {cells} cells assessed" in f for f in r["flags"]) is flagged, r["flags"]
 
 
 def test_report_html_and_json(tmp_path):

@@ -78,7 +78,7 @@ def cpu_repo(tmp_path_factory, random_ckpt, hushem_dir):
 def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, real_frames):
     import onnx
 
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.parity import check_parity
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -91,10 +91,11 @@ def test_onnx_parity_on_real_images_and_dynamic_batch(tmp_path, random_ckpt, rea
     onnx.checker.check_model(onnx.load(str(f)))
     par = check_parity(net, f, real_frames, contract, tolerance=1e-4)
     assert par["max_abs_prob_diff"] <= 1e-4 and par["argmax_agreement"] == 1.0
-    runner = OrtRunner(f, threads=1)
+    runner = reference_runner(f, threads=1)
     lo1, p1 = runner(real_frames[:1])
     lo5, p5 = runner(real_frames)
-    assert lo1.shape == (1, 4) and p5.shape == (5, 4) and lo5.dtype == np.float32
+    k = contract.num_classes
+    assert lo1.shape == (1, k) and p5.shape == (len(real_frames), k) and lo5.dtype == np.float32
     np.testing.assert_allclose(p5.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(lo1, lo5[:1], atol=1e-4)
 
@@ -123,12 +124,17 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
     for rel in ("config.pbtxt", "labels.txt", "model_card.json", "warmup/IMAGES", "1/model.py", "1/model.onnx",
                 "1/contract.json"):
         assert (m / rel).is_file(), rel
-    for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/model.safetensors", "1/model.safetensors.sha256"):
+    for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/explain_core.py", "1/morphocam_net.py",
+                "1/model.safetensors", "1/model.safetensors.sha256"):
         assert (e / rel).is_file(), rel
     assert (m / "labels.txt").read_text().splitlines() == list(CLASSES)
     assert (m / "warmup" / "IMAGES").stat().st_size == SIZE * SIZE * 3
-    assert (m / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/classifier.py").read_bytes()
-    assert (e / "1" / "model.py").read_bytes() == (repo_root / "serving/triton_models/explainer.py").read_bytes()
+    sources = repo_root / "serving/triton_models"
+    assert (m / "1" / "model.py").read_bytes() == (sources / "classifier.py").read_bytes()
+    for dest, src in (("model.py", "explainer.py"), ("explain_core.py", "explain_core.py"),
+                      ("morphocam_net.py", "morphocam_net.py")):
+        assert (e / "1" / dest).read_bytes() == (sources / src).read_bytes(), dest
+    assert (m / "1" / "morphocam_engines.py").read_bytes() == (repo_root / "morphocam/engines.py").read_bytes()
     assert InputContract.load(m / "1" / "contract.json").classes == CLASSES
     card = json.loads((m / "model_card.json").read_text())
     from morphocam.training.checkpoint import file_sha256
@@ -147,7 +153,8 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem" / "config.pbtxt")
     assert isinstance(cfg, mc.ModelConfig)
-    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == 32
+    exported = ExportConfig()
+    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == exported.max_batch_size
     (inp,) = cfg.input
     assert inp.name == INPUT_NAME and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [SIZE, SIZE, 3]
     outs = {o.name: (o.data_type, list(o.dims)) for o in cfg.output}
@@ -175,7 +182,8 @@ def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):
 
     out, _ = cpu_repo
     cfg = parse(out / "morphocam_hushem_explain" / "config.pbtxt")
-    assert cfg.name == "morphocam_hushem_explain" and cfg.backend == "python" and cfg.max_batch_size == 8
+    assert cfg.name == "morphocam_hushem_explain" and cfg.backend == "python"
+    assert cfg.max_batch_size == ExportConfig().explain_max_batch_size
     ins = {i.name: i for i in cfg.input}
     assert list(ins[INPUT_NAME].dims) == [SIZE, SIZE, 3] and ins[INPUT_NAME].data_type == mc.TYPE_UINT8
     assert ins[EXPLAIN_TARGET].optional and ins[EXPLAIN_TARGET].data_type == mc.TYPE_INT32
@@ -199,7 +207,11 @@ def test_gpu_onnx_trt_config(tmp_path, random_ckpt, hushem_dir):
     write_repository(cfg)
     m = cfg.output / "morphocam_hushem"
     assert (m / "1" / "model.onnx").is_file() and not (m / "1" / "model.py").exists()
-    assert not (cfg.output / "morphocam_hushem_explain").exists()
+    # The GPU repository's explainer runs PyTorch on the GPU instance, with the same files as on CPU.
+    e = cfg.output / "morphocam_hushem_explain"
+    ec = parse(e / "config.pbtxt")
+    assert ec.backend == "python" and [g.kind for g in ec.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert sorted(p.name for p in (e / "1").glob("*.py")) == ["explain_core.py", "model.py", "morphocam_net.py"]
     c = parse(m / "config.pbtxt")
     assert c.platform == "onnxruntime_onnx" and c.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     (acc,) = c.optimization.execution_accelerators.gpu_execution_accelerator
@@ -321,7 +333,7 @@ def test_missing_serving_model_file_is_clear(tmp_path, random_ckpt, hushem_dir):
 # ------------------------------------------------------------------ regeneration
 
 def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ckpt, hushem_dir, real_frames):
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import all_outputs_runner, run_named
     from morphocam.export.repository import write_repository
 
     out, _ = cpu_repo
@@ -329,8 +341,7 @@ def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ck
     write_repository(cfg)
     runs = []
     for repo in (out, cfg.output):  # the trust fit is a reproducible step: same checkpoint, same outputs
-        session = OrtRunner(repo / "morphocam_hushem" / "1" / "model.onnx", 1).session
-        runs.append(dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: real_frames}))))
+        runs.append(run_named(all_outputs_runner(repo / "morphocam_hushem" / "1" / "model.onnx", 1), real_frames))
     assert set(runs[0]) == {OUTPUT_LOGITS, OUTPUT_PROBABILITIES, OUTPUT_OOD_SCORE, OUTPUT_IN_DOMAIN, OUTPUT_PREDICTION_SET}
     for name, value in runs[0].items():
         np.testing.assert_allclose(value.astype(float), runs[1][name].astype(float), atol=1e-6, err_msg=name)
@@ -338,10 +349,31 @@ def test_regenerating_gives_the_same_graph_outputs(tmp_path, cpu_repo, random_ck
     assert cards[0]["temperature"] == cards[1]["temperature"] and cards[0]["conformal"] == cards[1]["conformal"]
 
 
+def test_committed_model_files_equal_their_sources(repo_root):
+    """Every model.py (and engine factory) under model_repository/ is a copy of its one source: an edit
+    to the source without re-exporting (or an edit to a copy) fails here."""
+    from morphocam.engines import VERSION_FOLDER_NAME
+
+    sources = {"": repo_root / "serving/triton_models/classifier.py",
+               "_explain": repo_root / "serving/triton_models/explainer.py"}
+    checked = 0
+    for model_py in sorted((repo_root / "model_repository").glob("*/1/model.py")):
+        name = model_py.parent.parent.name
+        source = sources["_explain" if name.endswith("_explain") else ""]
+        assert model_py.read_bytes() == source.read_bytes(), f"{model_py} differs from {source}: re-export"
+        factory = model_py.with_name(VERSION_FOLDER_NAME)
+        if source.name == "classifier.py":
+            assert factory.read_bytes() == (repo_root / "morphocam/engines.py").read_bytes(), factory
+        checked += 1
+    if not checked:
+        pytest.skip("no committed model_repository/")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["hushem", "smids"])
 def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_dir):
     """The committed model_repository/ must equal what its own checkpoint exports to (graph outputs)."""
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import reference_runner
     from morphocam.export.onnx_export import export_onnx
     from morphocam.preprocess import load_frame
     from morphocam.training.checkpoint import contract_of, load_checkpoint
@@ -362,8 +394,8 @@ def test_committed_repository_regenerates(tmp_path, repo_root, dataset, hushem_d
         root = repo_root / root
     files = [sorted((root / c).iterdir())[0] for c in contract.classes]
     frames = np.stack([load_frame(p, contract.height, contract.width) for p in files])
-    a = OrtRunner(m / "1" / "model.onnx", 1)(frames)
-    b = OrtRunner(f, 1)(frames)
+    a = reference_runner(m / "1" / "model.onnx", 1)(frames)
+    b = reference_runner(f, 1)(frames)
     np.testing.assert_allclose(a[0], b[0], atol=1e-4)  # LOGITS: the checkpoint's network, unchanged
     # PROBABILITIES: the network's, at the temperature the card records (re-fitting takes minutes:
     # test_regenerating_gives_the_same_graph_outputs shows the fit itself is reproducible)
@@ -392,16 +424,15 @@ def test_card_records_the_trust_fit_and_its_data(cpu_repo):
 
 def test_trust_outputs_on_real_and_synthetic_frames(cpu_repo, real_frames):
     """Shapes and dtypes as the contract says; sets hold the top class; probabilities are softmax(LOGITS / T)."""
-    from morphocam.export.engines import OrtRunner
+    from morphocam.export.engines import all_outputs_runner, run_named
     from morphocam.export.parity import synthetic_frames
     from morphocam.export.trust_math import softmax
 
     out, _ = cpu_repo
     m = out / "morphocam_hushem"
     t = json.loads((m / "model_card.json").read_text())["trust"]["temperature"]["value"]
-    session = OrtRunner(m / "1" / "model.onnx", 1).session
     frames = np.concatenate([real_frames, synthetic_frames(InputContract.load(m / "1" / "contract.json"))])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: frames})))
+    got = run_named(all_outputs_runner(m / "1" / "model.onnx", 1), frames)
     n = len(frames)
     assert got[OUTPUT_OOD_SCORE].shape == (n, 1) and got[OUTPUT_OOD_SCORE].dtype == np.float32
     assert got[OUTPUT_IN_DOMAIN].shape == (n, 1) and got[OUTPUT_IN_DOMAIN].dtype == np.bool_
@@ -454,17 +485,40 @@ def test_checkpoint_without_recipe_cannot_fit_trust(tmp_path, hushem_dir):
 
 # ------------------------------------------------------------------ INT8
 
+def _m(precision: str, speed: float, accuracy: float):
+    from morphocam.export.engines import Measurement
+
+    return Measurement("onnxruntime", precision, "m.onnx", speed, accuracy, accuracy, 1.0, 0.0, 100)
+
+
+@pytest.mark.parametrize("int8_speed,int8_accuracy,kept,reason", [
+    (200.0, 0.795, True, "kept"),                        # 2x faster, 0.5 points lost: within the 1-point bound
+    (200.0, 0.780, False, "too much accuracy lost"),     # 2 points lost
+    (104.0, 0.800, False, "not faster"),                 # inside the speed margin: noise, not a speed-up
+    (90.0, 0.700, False, "not faster, too much accuracy lost"),
+])
+def test_int8_release_rule(int8_speed, int8_accuracy, kept, reason):
+    """The exporter's own INT8 rule (export.repository.int8_decision) on both sides of each bound."""
+    from morphocam.export.repository import int8_decision
+
+    cfg = ExportConfig()
+    ms = [_m("fp32", 100.0, 0.800), _m("fp32", 110.0, 0.800), _m("int8", int8_speed, int8_accuracy)]
+    got, why = int8_decision(ms, cfg.speed_margin, cfg.int8_max_drop)
+    assert got is kept and why.endswith(reason if kept else f"not kept ({reason})"), why
+
+
 def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     """Static INT8 (ORT QDQ, MinMax) calibrated on real non-test images, on the released HuSHem test split.
 
     Recorded 2026-11-25 (export log / model card): FP32 0.818, INT8 0.606 (ORT) / 0.576 (OpenVINO),
     agreement 0.73 / 0.67, so the exporter does NOT keep INT8 (rule: <= 1 point). This test guards the
-    recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule would reject it.
+    recorded bound (drop <= 30 points, agreement >= 0.6) and that the exporter's rule rejects it.
     """
     from morphocam.export import data as D
-    from morphocam.export.engines import OrtRunner, predict
+    from morphocam.export.engines import make_runner, measure
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.quantize import quantize_int8
+    from morphocam.export.repository import int8_decision
     from morphocam.training.checkpoint import contract_of, load_checkpoint
 
     ckpt = repo_root / "results" / "training" / "hushem" / "model.safetensors"
@@ -478,10 +532,11 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     export_onnx(net, c, f32, exporter="legacy")
     cal, _ = D.calibration_images(hushem_dir, c, test, 32)
     quantize_int8(f32, i8, cal)
-    p32 = predict(OrtRunner(f32), x)[1].argmax(1)
-    p8 = predict(OrtRunner(i8), x)[1].argmax(1)
-    acc32, acc8 = np.mean(p32 == test.labels), np.mean(p8 == test.labels)
-    assert acc32 - acc8 <= 0.30, (acc32, acc8)
-    assert np.mean(p32 == p8) >= 0.6
-    keep = (acc32 - acc8) * 100 <= ExportConfig().int8_max_drop
-    assert keep == (acc8 >= acc32 - 0.01)  # the rule the exporter applies
+    m32, p32 = measure(make_runner("onnxruntime", f32, "fp32"), f32.name, x, test.labels, None, c.num_classes,
+                       seconds=0.5)
+    m8, _ = measure(make_runner("onnxruntime", i8, "int8"), i8.name, x, test.labels, p32, c.num_classes, seconds=0.5)
+    assert m32.accuracy - m8.accuracy <= 0.30, (m32.accuracy, m8.accuracy)
+    assert m8.agreement_with_fp32 >= 0.6
+    cfg = ExportConfig()
+    kept, why = int8_decision([m32, m8], cfg.speed_margin, cfg.int8_max_drop)
+    assert not kept and "too much accuracy lost" in why, why

@@ -1,7 +1,7 @@
 """Bad input through the live server (issue 7): each row gets a clear error naming the problem, the
 server keeps serving, and the next good request gives the same answer as before.
 
-Rows already covered by ``test_serving.py`` (wrong dtype FP32, wrong height, empty batch, batch 33,
+Rows already covered by ``test_serving.py`` (wrong dtype FP32, wrong height, empty batch, batch above max,
 unknown model, target class above range) are not repeated here. Uses the session ``triton_server``.
 """
 
@@ -53,7 +53,7 @@ def _target(values, dtype="INT32", np_dtype=np.int32):
     return _input("TARGET_CLASS", arr, dtype)
 
 
-def _rows(contract):
+def _rows(contract, max_batch: int, explain_max_batch: int):
     h, w, k = contract.height, contract.width, contract.num_classes
     one = np.zeros((1, h, w, 3), np.uint8)
     nan = np.full((1, h, w, 3), np.nan, np.float32)
@@ -62,7 +62,7 @@ def _rows(contract):
     return {
         # name: (kwargs for _infer, words the message must contain)
         # Triton reads the first axis as the batch: a bare [H,W,3] frame is "batch 224"
-        "rank 3 (no batch axis)": (dict(frames=np.zeros((h, w, 3), np.uint8)), ["batch-size", "<= 32"]),
+        "rank 3 (no batch axis)": (dict(frames=np.zeros((h, w, 3), np.uint8)), ["batch-size", f"<= {max_batch}"]),
         "rank 3 (one frame, no channel axis)": (dict(frames=np.zeros((1, h, w), np.uint8)), ["shape", "IMAGES"]),
         "rank 5": (dict(frames=np.zeros((1, 1, h, w, 3), np.uint8)), ["shape", "IMAGES"]),
         "wrong width": (dict(frames=np.zeros((1, h, w + 7, 3), np.uint8)), ["shape", str(w + 7)]),
@@ -74,9 +74,9 @@ def _rows(contract):
         "unknown output name": (dict(frames=one, outputs=[grpcclient.InferRequestedOutput("EMBEDDING")]),
                                 ["EMBEDDING"]),
         # the explanation model
-        "explain: batch above max 8": (dict(frames=np.zeros((9, h, w, 3), np.uint8), model=EXPLAIN),
-                                       ["batch", "8"]),
-        "explain: batch 0": (dict(frames=np.zeros((0, h, w, 3), np.uint8), model=EXPLAIN), ["0"]),
+        "explain: batch above max": (dict(frames=np.zeros((explain_max_batch + 1, h, w, 3), np.uint8), model=EXPLAIN),
+                                     ["batch", str(explain_max_batch)]),
+        "explain: batch 0": (dict(frames=np.zeros((0, h, w, 3), np.uint8), model=EXPLAIN), ["byte size", "got 0"]),
         "explain: wrong dtype": (dict(frames=one.astype(np.int16), dtype="INT16", model=EXPLAIN), ["INT16", "UINT8"]),
         "explain: target below -1": (dict(frames=one, model=EXPLAIN, extra=(_target([-5]),)),
                                      ["out of range", f"0..{k - 1}"]),
@@ -92,14 +92,15 @@ def _rows(contract):
 
 ROWS = ["rank 3 (no batch axis)", "rank 3 (one frame, no channel axis)", "rank 5", "wrong width", "4 channels (RGBA)", "NaN/Inf float where uint8 expected",
         "FP64 where uint8 expected", "declared shape does not match bytes", "unknown version", "unknown output name",
-        "explain: batch above max 8", "explain: batch 0", "explain: wrong dtype", "explain: target below -1",
+        "explain: batch above max", "explain: batch 0", "explain: wrong dtype", "explain: target below -1",
         "explain: target far too large", "explain: target wrong dtype", "explain: one target for two frames",
         "explain: unknown version"]
 
 
 @pytest.mark.parametrize("row", ROWS)
 def test_bad_input_row(client, contract, reference, row):
-    kwargs, words = _rows(contract)[row]
+    max_batch = {m: int(client.get_model_config(m, as_json=True)["config"]["max_batch_size"]) for m in (MODEL, EXPLAIN)}
+    kwargs, words = _rows(contract, max_batch[MODEL], max_batch[EXPLAIN])[row]
     t0 = time.monotonic()
     with pytest.raises(InferenceServerException) as info:
         _infer(client, **kwargs)
@@ -150,7 +151,8 @@ def test_100mb_request_refused_by_limits_not_memory(client, contract, reference,
     after = _rss_kib(pid)
     print(f"{mb:.0f} MB request: refused in {took:.2f} s: {message[:200]}; server RSS {before / 1024:.0f} -> "
           f"{after / 1024:.0f} MiB")
-    assert "batch-size must be <= 32" in message
+    max_batch = int(client.get_model_config(MODEL, as_json=True)["config"]["max_batch_size"])
+    assert f"batch-size must be <= {max_batch}" in message
     assert took < 20
     # the server may keep the received buffer in its allocator, but it must not copy it into the
     # model (no Python stub growth by the request size times several)

@@ -23,7 +23,8 @@ pytest.importorskip("tritonclient.grpc")
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from morphocam.serving.launcher import TritonServer, _children  # noqa: E402
+from morphocam.serving.launcher import TritonServer  # noqa: E402
+from morphocam.serving.processes import command_line, descendants  # noqa: E402
 from test_serving import MODEL, real_frames  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def mixed_repo(serving_repository, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("mixed_repo")
     os.symlink(serving_repository / MODEL, repo / MODEL)
     broken = _copy_model(serving_repository / MODEL, repo, "morphocam_broken")
-    (broken / "1" / "contract.json").unlink()  # initialize() cannot read the contract
+    (broken / "1" / "morphocam_engines.py").unlink()  # an incomplete copy: model.py cannot import its engine
     tampered = _copy_model(serving_repository / MODEL, repo, "morphocam_tampered")
     onnx = tampered / "1" / "model.onnx"
     assert (tampered / "1" / "model.onnx.sha256").is_file(), "export must write the graph's sha256 sidecar"
@@ -73,7 +74,7 @@ def test_broken_and_tampered_models_beside_a_good_one(mixed_repo, serving_reposi
         assert set(srv.failed_models) == {"morphocam_broken", "morphocam_tampered"}
         assert "sha256" in srv.failed_models["morphocam_tampered"]
         assert "refusing to load" in srv.failed_models["morphocam_tampered"]
-        assert "contract.json" in srv.failed_models["morphocam_broken"]
+        assert "morphocam_engines" in srv.failed_models["morphocam_broken"]
         c = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
             assert c.is_server_live() and c.is_model_ready(MODEL)
@@ -103,11 +104,8 @@ def test_default_launcher_still_refuses_a_repository_with_a_broken_model(mixed_r
 # ------------------------------------------------------------------ killed backend stub
 def _stubs(pid: int, model: str) -> list[int]:
     out = []
-    for child in _children(pid):
-        try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for child in descendants(pid):
+        cmd = " ".join(command_line(child))
         if "triton_python_backend_stub" in cmd and f"/{model}/" in cmd:
             out.append(child)
     return out
@@ -120,6 +118,7 @@ def classifier_repo(serving_repository, tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_killed_stub_gives_prompt_errors_never_a_hang(classifier_repo, serving_repository):
     frames, _ = real_frames(_contract(serving_repository), 1)
     with TritonServer(classifier_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180) as srv:
@@ -174,7 +173,6 @@ def test_server_sigkilled_mid_stream_and_restarted(classifier_repo):
     from test_client_live import many_frames, slow
 
     srv = TritonServer(classifier_repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180)
-    srv.check_ports = lambda: None  # the restart reuses the ports
     srv.start()
     port = srv.grpc_port
     frames = many_frames(48)

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from morphocam.contract import InputContract, model_name_for
+from morphocam.export.config import ExportConfig
 from morphocam.preprocess import load_frame
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from conftest import REPO_ROOT, datasets_root, serving_checkpoint_path  # noqa: E402
+from conftest import REPO_ROOT, datasets_root, missing_data, serving_checkpoint_path  # noqa: E402
 
 MODEL = model_name_for("hushem")
 EXPLAIN = MODEL + "_explain"
@@ -37,7 +38,7 @@ def real_frames(contract: InputContract, n: int = 8) -> tuple[np.ndarray, list[s
         paths += sorted((REPO_ROOT / "samples" / "hushem").glob("*.BMP"))
     paths = paths[:n]
     if not paths:
-        pytest.skip("no HuSHem images available")
+        missing_data(f"no HuSHem images: neither the test split under {root} nor {REPO_ROOT / 'samples' / 'hushem'}")
     return np.stack([load_frame(p, contract.height, contract.width) for p in paths]), [p.name for p in paths]
 
 
@@ -67,11 +68,12 @@ def test_metadata_and_config(client, contract):
     assert outputs["IN_DOMAIN"]["datatype"] == "BOOL" and outputs["PREDICTION_SET"]["datatype"] == "BOOL"
     assert [int(d) for d in outputs["PREDICTION_SET"]["shape"]] == [-1, contract.num_classes]
     cfg = client.get_model_config(MODEL, as_json=True)["config"]
-    assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == 32
+    exported = ExportConfig()  # the serving repository is exported with the defaults
+    assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == exported.max_batch_size
     assert "dynamic_batching" in cfg
     assert cfg["parameters"]["engine"]["string_value"] in ("onnxruntime", "openvino")
     ecfg = client.get_model_config(EXPLAIN, as_json=True)["config"]
-    assert int(ecfg["max_batch_size"]) == 8
+    assert int(ecfg["max_batch_size"]) == exported.explain_max_batch_size
     assert {o["name"] for o in ecfg["output"]} == {"PROBABILITIES", "HEATMAP", "OVERLAY_PNG", "TARGET_CLASS_USED"}
 
 
@@ -93,10 +95,10 @@ def test_classification_matches_in_process_and_fp32_ort(client, serving_reposito
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     model = _in_process_engine(client, serving_repository)
-    ref = dict(zip(model._outputs, model._run(frames)))
+    ref = dict(zip([name for name, _ in model.outputs], model._runner(frames)))
     ref_logits, ref_probs = ref["LOGITS"], ref["PROBABILITIES"]
     dp = float(np.abs(probs - ref_probs).max())
-    print(f"server vs in-process {model.engine}/{model.precision}: max |dprob| = {dp:.2e}")
+    print(f"server vs in-process {model._runner.settings.describe()}: max |dprob| = {dp:.2e}")
     assert dp <= 1e-5
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
 
@@ -178,8 +180,94 @@ def test_explanation_default_target_without_input(client, contract):
     assert res.as_numpy("TARGET_CLASS_USED")[0, 0] == res.as_numpy("PROBABILITIES")[0].argmax()
 
 
+# ------------------------------------------------------------------ model folders stand on their own
+# Imported at start-up (a .pth line) by the stubs' environment below: inside every stub, `import morphocam`
+# fails however the project is installed (editable finder, site-packages, cwd), as in a stock NGC container.
+BLOCK_PROJECT = """
+import importlib.abc, sys
+
+class _NoMorphocam(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "morphocam" or name.startswith("morphocam."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the model folder must not need it)")
+        return None
+
+sys.meta_path.insert(0, _NoMorphocam())
+"""
+
+# A probe served beside the explainer: answers with the file `import morphocam` found, or "" if it failed.
+PROBE_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        try:
+            import morphocam
+            found = morphocam.__file__ or "namespace"
+        except ImportError:
+            found = ""
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("FOUND", np.array([found.encode()],
+                dtype=np.object_))]) for _ in requests]
+"""
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input { name: "X" data_type: TYPE_INT32 dims: 1 }
+output { name: "FOUND" data_type: TYPE_STRING dims: 1 }
+instance_group { count: 1 kind: KIND_CPU }
+"""
+
+
+def python_without_the_project(root: Path) -> Path:
+    """A venv for the stubs: this interpreter's installed packages (torch, timm, grad-cam, numpy...) as
+    plain path entries (their .pth files, e.g. an editable install's finder, are not run), and a
+    blocker for ``morphocam``. The stub's interpreter is isolated (PYTHONPATH is ignored), so the
+    environment it starts from is the one place to take the project away."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = root / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "dependencies.pth").write_text("\n".join(packages) + "\n")
+    (site / "no_morphocam.py").write_text(BLOCK_PROJECT)
+    (site / "no_morphocam.pth").write_text("import no_morphocam\n")
+    return root / "bin" / "python3"
+
+
+def test_explain_folder_serves_without_the_project_on_the_stub_path(serving_repository, contract, tmp_path):
+    import shutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(serving_repository / EXPLAIN, repo / EXPLAIN)  # a real copy: no path back into the project
+    (repo / "probe" / "1").mkdir(parents=True)
+    (repo / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
+    (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    elsewhere = tmp_path / "cwd"  # the stubs put the server's working directory on sys.path
+    elsewhere.mkdir()
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180,
+                      stub_python=python_without_the_project(tmp_path / "venv"), cwd=elsewhere) as srv:
+        c = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            x = grpcclient.InferInput("X", [1], "INT32")
+            x.set_data_from_numpy(np.zeros(1, np.int32))
+            found = c.infer("probe", [x]).as_numpy("FOUND")[0]
+            assert found == b"", f"the stubs can import morphocam from {found!r}: the test proves nothing"
+            frames, _ = real_frames(contract, 2)
+            res = infer(c, frames, model=EXPLAIN)
+        finally:
+            c.close()
+    heat = res.as_numpy("HEATMAP")
+    assert heat.shape == (2, contract.height, contract.width) and heat.max() > 0.0
+    assert res.as_numpy("OVERLAY_PNG")[0, 0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res.as_numpy("TARGET_CLASS_USED")[:, 0] == res.as_numpy("PROBABILITIES").argmax(1)).all()
+
+
 # ------------------------------------------------------------------ bad input, then a good request
-def _bad_cases(contract):
+def _bad_cases(contract, max_batch: int):
     h, w = contract.height, contract.width
     target = grpcclient.InferInput("TARGET_CLASS", [1, 1], "INT32")
     target.set_data_from_numpy(np.array([[contract.num_classes + 3]], np.int32))
@@ -187,7 +275,8 @@ def _bad_cases(contract):
         "wrong dtype": (MODEL, np.zeros((1, h, w, 3), np.float32), "FP32", (), ["data-type", "FP32", "UINT8"]),
         "wrong shape": (MODEL, np.zeros((1, h - 24, w, 3), np.uint8), "UINT8", (), ["shape"]),
         "empty batch": (MODEL, np.zeros((0, h, w, 3), np.uint8), "UINT8", (), ["byte size", "got 0"]),
-        "batch too large": (MODEL, np.zeros((33, h, w, 3), np.uint8), "UINT8", (), ["batch", "32"]),
+        "batch too large": (MODEL, np.zeros((max_batch + 1, h, w, 3), np.uint8), "UINT8", (),
+                            ["batch", str(max_batch)]),
         "unknown model": ("morphocam_nosuch", np.zeros((1, h, w, 3), np.uint8), "UINT8", (), ["unknown model"]),
         "target out of range": (EXPLAIN, np.zeros((1, h, w, 3), np.uint8), "UINT8", (target,),
                                 ["out of range", f"0..{contract.num_classes - 1}"]),
@@ -197,7 +286,8 @@ def _bad_cases(contract):
 @pytest.mark.parametrize("case", ["wrong dtype", "wrong shape", "empty batch", "batch too large",
                                   "unknown model", "target out of range"])
 def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract, case):
-    model, data, dtype, extra, words = _bad_cases(contract)[case]
+    max_batch = int(client.get_model_config(MODEL, as_json=True)["config"]["max_batch_size"])
+    model, data, dtype, extra, words = _bad_cases(contract, max_batch)[case]
     with pytest.raises(InferenceServerException) as info:
         infer(client, data, model=model, dtype=dtype, extra=extra)
     message = str(info.value)
@@ -210,9 +300,9 @@ def test_bad_input_gets_clear_error_then_good_request_succeeds(client, contract,
 
 # ------------------------------------------------------------------ lifecycle
 def _descendants(pid: int) -> list[int]:
-    from morphocam.serving.launcher import _children
+    from morphocam.serving.processes import descendants
 
-    return _children(pid)
+    return descendants(pid)
 
 
 def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp_path):
@@ -241,6 +331,33 @@ def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp
     for p in [pid, *stubs]:
         assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
     assert not any(s.exists() for s in segments)
+
+
+def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_path):
+    """A stopped server leaves its ports' connections in TIME-WAIT; the next start must not take
+    that for "in use" (the server binds with SO_REUSEADDR, and so does the port check)."""
+    import psutil
+
+    from morphocam.serving.launcher import TritonServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(serving_repository / MODEL, repo / MODEL)
+    first = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120)
+    with first:
+        c = grpcclient.InferenceServerClient(first.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
+    ports = (first.grpc_port, first.http_port, first.metrics_port)
+    # The precondition of the bug: sockets on these ports linger in TIME-WAIT while nothing listens.
+    lingering = [k for k in psutil.net_connections("tcp")
+                 if k.laddr and k.laddr.port in ports and k.status == psutil.CONN_TIME_WAIT]
+    assert lingering, "expected TIME-WAIT sockets on the stopped server's ports"
+    with TritonServer(repo, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2],
+                      startup_timeout=120) as again:
+        c = grpcclient.InferenceServerClient(again.grpc_url)
+        assert c.is_model_ready(MODEL)
+        c.close()
 
 
 def test_cli_serves_until_sigint(serving_repository, tmp_path):
@@ -286,3 +403,19 @@ def test_cli_warns_on_public_host_and_rejects_missing_repository(tmp_path, capsy
     assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "warning: binding to 0.0.0.0" in err and "morphocam-export" in err
+
+
+def test_cli_public_host_with_tls_does_not_claim_there_is_no_tls(tmp_path, capsys):
+    from morphocam.serving.cli import main
+
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--host", "0.0.0.0",
+                 "--grpc-ssl-cert", str(cert), "--grpc-ssl-key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding to 0.0.0.0" in err
+    assert "no authentication or TLS" not in err
+    assert "gRPC is encrypted (TLS)" in err and "HTTP and metrics are plaintext" in err
+    # On loopback there is nothing to warn about, with or without TLS.
+    assert main(["--model-repository", str(tmp_path / "nothing"), "--grpc-ssl-cert", str(cert),
+                 "--grpc-ssl-key", str(key)]) == 2
+    assert "warning" not in capsys.readouterr().err

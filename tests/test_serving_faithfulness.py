@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import datasets_root, serving_checkpoint_path
+from conftest import datasets_root, missing_data, serving_checkpoint_path
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,10 @@ def report():
     checkpoint = serving_checkpoint_path()
     npz = checkpoint.parent / "test_predictions.npz"
     root = datasets_root() / "hushem"
-    if not checkpoint.is_file() or not npz.is_file() or not root.is_dir():
-        pytest.skip("needs a HuSHem checkpoint with its test_predictions.npz and the dataset")
+    for path in (checkpoint, npz, root):
+        if not path.exists():
+            missing_data(f"{path} not found (needs the released HuSHem checkpoint, its test_predictions.npz "
+                         "and the dataset)")
     torch.set_num_threads(1)
     explainer = Explainer.from_checkpoint(checkpoint)
     c = explainer.contract

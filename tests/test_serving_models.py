@@ -2,6 +2,9 @@
 
 Fast checks of ``execute``'s contract (one response per request, errors inside responses, the
 dynamic batch split back correctly) without starting a server; the live server is in test_serving.py.
+Also: the committed ``model_repository`` model folders hold exactly the files the exporter copies
+from ``serving/triton_models/`` (no drifting copies), and the explainer's standalone network gives
+the training code's logits.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ class _Error:
 
 
 def fake_pb_utils() -> types.ModuleType:
-    mod = types.ModuleType("triton_python_backend_utils")
+    """The wheel's real ``triton_python_backend_utils`` (config helpers, type maps) with the stub-only
+    classes (Tensor, InferenceResponse, TritonError, Logger) replaced by the small stand-ins above."""
+    from morphocam.serving.triton_install import TritonInstall
+
+    path = TritonInstall.find().python_backend / "triton_python_backend_utils.py"
+    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     mod.Tensor = _Tensor
     mod.InferenceResponse = _Response
     mod.TritonError = _Error
@@ -52,17 +62,40 @@ def fake_pb_utils() -> types.ModuleType:
     return mod
 
 
-def load_model_py(model_dir: Path, config: dict, version: str = "1"):
-    """Import ``<model_dir>/<version>/model.py`` as Triton would and call ``initialize``."""
+SIBLINGS = ("explain_core", "morphocam_net", "morphocam_engines")  # modules a model.py imports from its own version folder
+
+
+def load_model_py(model_dir: Path, config: dict, version: str = "1", **args):
+    """Import ``<model_dir>/<version>/model.py`` as Triton's stub would (version folder on ``sys.path``,
+    so its sibling files are what it imports) and call ``initialize``; ``args`` add to its arguments."""
     sys.modules.setdefault("triton_python_backend_utils", fake_pb_utils())
-    path = Path(model_dir) / version / "model.py"
-    spec = importlib.util.spec_from_file_location(f"_triton_model_{Path(model_dir).name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_name": config.get("name", Path(model_dir).name),
-                      "model_repository": str(model_dir), "model_version": version})
+    folder = Path(model_dir) / version
+    for name in SIBLINGS:  # another folder's copies may be cached from an earlier load
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_triton_model_{Path(model_dir).name}", folder / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize({"model_config": json.dumps(config), "model_name": config.get("name", Path(model_dir).name),
+                          "model_repository": str(model_dir), "model_version": version, **args})
+    finally:
+        sys.path.remove(str(folder))
     return model
+
+
+def served_config(model_dir: Path, **parameters: str) -> dict:
+    """``config.pbtxt`` as the JSON dict Triton hands to ``initialize`` (proto field names, int64 as
+    strings), with ``parameters`` overridden."""
+    from google.protobuf import json_format
+
+    from morphocam.export.pbtxt import parse
+
+    config = json_format.MessageToDict(parse(Path(model_dir) / "config.pbtxt"), preserving_proto_field_name=True)
+    for key, value in parameters.items():
+        config.setdefault("parameters", {})[key] = {"string_value": str(value)}
+    return config
 
 
 def _req(x, target=None):
@@ -74,9 +107,8 @@ def _req(x, target=None):
 
 @pytest.fixture(scope="module")
 def classifier(serving_repository):
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-           "parameters": {"engine": {"string_value": "onnxruntime"}, "threads": {"string_value": "1"}}}
-    return load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    return load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", threads=1))
 
 
 def test_classifier_batch_split_and_errors_per_request(classifier, contract):
@@ -93,26 +125,23 @@ def test_classifier_batch_split_and_errors_per_request(classifier, contract):
     # The joint batch equals each request run alone.
     alone_a = classifier.execute([_req(a)])[0].out("PROBABILITIES")
     np.testing.assert_allclose(responses[0].out("PROBABILITIES"), alone_a, atol=1e-6)
-    assert responses[2].out("LOGITS").shape == (1, 4)
+    assert responses[2].out("LOGITS").shape == (1, contract.num_classes)
 
 
 def test_classifier_openvino_engine(serving_repository, contract):
     pytest.importorskip("openvino")
-    cfg = {"name": "morphocam_hushem", "max_batch_size": 32, "instance_group": [{"count": 1}],
-           "parameters": {"engine": {"string_value": "openvino"}, "precision": {"string_value": "fp32"},
-                          "threads": {"string_value": "1"}}}
-    ov_model = load_model_py(serving_repository / "morphocam_hushem", cfg)
+    model_dir = serving_repository / "morphocam_hushem"
+    ov_model = load_model_py(model_dir, served_config(model_dir, engine="openvino", precision="fp32", threads=1))
     x = np.random.default_rng(1).integers(0, 256, (3, contract.height, contract.width, 3), dtype=np.uint8)
     ov = ov_model.execute([_req(x)])[0].out("PROBABILITIES")
-    cfg["parameters"]["engine"]["string_value"] = "onnxruntime"
-    ort = load_model_py(serving_repository / "morphocam_hushem", cfg).execute([_req(x)])[0].out("PROBABILITIES")
+    ort_model = load_model_py(model_dir, served_config(model_dir, engine="onnxruntime", precision="fp32", threads=1))
+    ort = ort_model.execute([_req(x)])[0].out("PROBABILITIES")
     assert np.abs(ov - ort).max() < 1e-4
 
 
 def test_explainer_errors_inside_responses(serving_repository, contract):
-    cfg = {"name": "morphocam_hushem_explain", "max_batch_size": 8,
-           "parameters": {"checkpoint": {"string_value": "model.safetensors"}}}
-    model = load_model_py(serving_repository / "morphocam_hushem_explain", cfg)
+    folder = serving_repository / "morphocam_hushem_explain"
+    model = load_model_py(folder, served_config(folder))
     x = np.full((1, contract.height, contract.width, 3), 120, np.uint8)
     ok, bad_target, bad_dtype = model.execute([_req(x, np.array([[2]], np.int32)),
                                                _req(x, np.array([[9]], np.int32)), _req(x.astype(np.int16))])
@@ -123,8 +152,127 @@ def test_explainer_errors_inside_responses(serving_repository, contract):
 
 
 def test_explainer_refuses_wrong_sha256(serving_repository):
-    cfg = {"name": "x", "max_batch_size": 8, "parameters": {"checkpoint_sha256": {"string_value": "0" * 64}}}
-    mod = fake_pb_utils()
-    sys.modules.setdefault("triton_python_backend_utils", mod)
+    folder = serving_repository / "morphocam_hushem_explain"
+    cfg = served_config(folder)
+    cfg["parameters"]["checkpoint_sha256"]["string_value"] = "0" * 64
     with pytest.raises(Exception, match="sha256"):
-        load_model_py(serving_repository / "morphocam_hushem_explain", cfg)
+        load_model_py(folder, cfg)
+
+
+def test_explainer_takes_dtypes_from_the_config_and_refuses_one_that_misfits(serving_repository, contract):
+    folder = serving_repository / "morphocam_hushem_explain"
+    cfg = served_config(folder)
+    out = next(o for o in cfg["output"] if o["name"] == "PROBABILITIES")
+    out["data_type"] = "TYPE_FP64"  # a config asking for doubles gets doubles
+    model = load_model_py(folder, cfg)
+    x = np.full((1, contract.height, contract.width, 3), 120, np.uint8)
+    (res,) = model.execute([_req(x)])
+    assert res.error is None and res.out("PROBABILITIES").dtype == np.float64
+    out["dims"] = [str(contract.num_classes + 1)]
+    k = contract.num_classes
+    with pytest.raises(Exception, match=rf"PROBABILITIES dims \[{k + 1}\] \(checkpoint needs \[{k}\]\)"):
+        load_model_py(folder, cfg)
+
+
+def test_gpu_instance_without_cuda_is_a_clear_load_error(serving_repository):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the KIND_GPU path loads")
+    folder = serving_repository / "morphocam_hushem_explain"
+    with pytest.raises(Exception, match="KIND_GPU instance, but this torch sees no CUDA device"):
+        load_model_py(folder, served_config(folder), model_instance_kind="GPU", model_instance_device_id="0")
+
+
+# ------------------------------------------------------------------ one source for every model folder's code
+COMMITTED = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def _model_folders():
+    return sorted(p for p in COMMITTED.iterdir() if (p / "config.pbtxt").is_file())
+
+
+def test_committed_model_folders_hold_exactly_the_exporters_copies(repo_root):
+    from morphocam.contract import EXPLAIN_SUFFIX
+    from morphocam.export.repository import MODEL_FILES
+
+    folders = _model_folders()
+    assert folders, f"no model folders under {COMMITTED}"
+    sources = repo_root / "serving" / "triton_models"
+    for folder in folders:
+        kind = "explainer" if folder.name.endswith(EXPLAIN_SUFFIX) else "classifier"
+        copies = {p.name for p in (folder / "1").glob("*.py")}
+        assert copies == set(MODEL_FILES[kind]), f"{folder.name}/1: {sorted(copies)} vs {sorted(MODEL_FILES[kind])}"
+        for dest, src in MODEL_FILES[kind].items():
+            assert (folder / "1" / dest).read_bytes() == (sources / src).read_bytes(), \
+                f"{folder.name}/1/{dest} differs from serving/triton_models/{src}: re-run morphocam-export"
+
+
+def test_committed_explain_folder_is_what_the_exporter_writes(serving_repository):
+    """The session fixture exports the released HuSHem checkpoint with today's exporter; the committed
+    folder must be byte for byte the same (config, labels, code, checkpoint)."""
+    name = "morphocam_hushem_explain"
+    fresh, committed = serving_repository / name, COMMITTED / name
+    if (fresh / "1" / "model.safetensors").read_bytes() != (committed / "1" / "model.safetensors").read_bytes():
+        pytest.skip("the released HuSHem checkpoint is not the one committed in model_repository/")
+    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(committed) for p in committed.rglob("*")
+                           if p.is_file() and "__pycache__" not in p.parts)
+    for rel in files:
+        assert (fresh / rel).read_bytes() == (committed / rel).read_bytes(), rel
+
+
+def _import_folder_copy(folder: Path, module: str):
+    """Import ``module`` from a committed version folder as a top-level module, as Triton's stub does."""
+    for name in SIBLINGS:
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(folder))
+    sys.dont_write_bytecode, before = True, sys.dont_write_bytecode  # leave no __pycache__ in the committed folder
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.dont_write_bytecode = before
+        sys.path.remove(str(folder))
+        for name in SIBLINGS:
+            sys.modules.pop(name, None)
+
+
+def test_folder_copy_gives_the_training_codes_logits(repo_root):
+    """The released checkpoint through the training code (loader, network, preprocess.normalise) and
+    through the committed explain folder's own files give the same logits."""
+    import torch
+
+    from morphocam.preprocess import load_frame, normalise
+    from morphocam.training.checkpoint import contract_of, load_checkpoint
+    from morphocam.training.model import MorphoNet
+
+    folder = COMMITTED / "morphocam_hushem_explain" / "1"
+    core = _import_folder_copy(folder, "explain_core")
+    assert core.__file__ == str(folder / "explain_core.py")
+    explainer = core.Explainer.from_checkpoint(folder / "model.safetensors")
+    assert type(explainer.model) is not MorphoNet  # the folder's own class, not the project's
+    net, meta = load_checkpoint(folder / "model.safetensors")
+    c = contract_of(meta)
+    frames = np.stack([load_frame(p, c.height, c.width) for p in sorted((repo_root / "samples" / "hushem").glob("*"))[:4]])
+    with torch.no_grad():
+        reference = net(torch.from_numpy(normalise(frames, c.mean, c.std))).numpy()
+    served = explainer.explain(frames)["logits"]
+    print(f"max |logit difference| training vs folder copy: {np.abs(served - reference).max():.2e}")
+    np.testing.assert_allclose(served, reference, rtol=0, atol=1e-5)
+
+
+def test_classifier_takes_tensor_names_from_the_config(serving_repository, contract):
+    """Input and output names come from the model config, not from constants in model.py."""
+    model_dir = serving_repository / "morphocam_hushem"
+    cfg = served_config(model_dir, threads=1)
+    cfg["input"][0]["name"] = "FRAMES"
+    cfg["output"] = [o for o in cfg["output"] if o["name"] == "PROBABILITIES"]
+    model = load_model_py(model_dir, cfg)
+    x = np.full((2, contract.height, contract.width, 3), 90, np.uint8)
+    ok, missing = model.execute([{"FRAMES": _Tensor("FRAMES", x)}, _req(x)])
+    assert [t.name for t in ok.output_tensors] == ["PROBABILITIES"]
+    assert ok.out("PROBABILITIES").shape == (2, contract.num_classes) and ok.out("PROBABILITIES").dtype == np.float32
+    assert "missing input FRAMES" in missing.error.message()
+    cfg["output"].append({"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": ["16"]})
+    with pytest.raises(Exception, match="EMBEDDING"):
+        load_model_py(model_dir, cfg)

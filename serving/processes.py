@@ -1,0 +1,54 @@
+"""The server's process tree: find the Python-backend stubs it forked, and make sure none outlive it.
+
+``tritonserver`` forks one ``triton_python_backend_stub`` per model instance. They normally exit with
+the server; after a SIGKILL or a crash they can be orphaned, so :func:`kill_tree` kills whatever is
+left of the tree (walked with psutil) and the server's process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Iterable
+
+import psutil
+
+
+def descendants(pid: int) -> list[int]:
+    """Direct and indirect children of ``pid`` (empty when ``pid`` is gone)."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def command_line(pid: int) -> list[str]:
+    """The process's argv (empty when it is gone or unreadable)."""
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def kill_tree(group_leader: int, also: Iterable[int] = ()) -> None:
+    """SIGKILL the process group of ``group_leader`` and every pid in ``also`` (ignoring ones gone)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group_leader, signal.SIGKILL)
+    for pid in also:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (e.g. a killed pytest).
+
+    Linux delivers PR_SET_PDEATHSIG when the forking *thread* exits, so callers arm it only for
+    servers started from the main thread (see :meth:`morphocam.serving.launcher.TritonServer.start`).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, Linux only
+        pass

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from morphocam.contract import OUTPUT_LOGITS, OUTPUT_PROBABILITIES
+from morphocam.machine import cpu_name  # noqa: F401  (re-exported: the exporter and benchmarks use it from here)
 from morphocam.engines import EngineSettings, Runner, make_runner as _factory
 from morphocam.stats import macro_f1
 
@@ -40,19 +41,6 @@ def all_outputs_runner(model_file: Path, threads: int = 0) -> Runner:
 def run_named(runner: Runner, images: np.ndarray) -> dict[str, np.ndarray]:
     """One call of ``runner`` as {output name: array}."""
     return dict(zip(runner.output_names, runner(np.ascontiguousarray(images))))
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo) recorded beside every speed measurement."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def openvino_bf16_supported() -> bool:

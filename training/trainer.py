@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from morphocam.atomic import atomic_write_text
 from morphocam.config import config_to_dict, save_config
+from morphocam.machine import cpu_name
 from morphocam.contract import DATASET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, InputContract
 
 from . import metrics as M
@@ -320,7 +321,7 @@ def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split
         "train_seconds": run.seconds,
         "seconds_per_epoch": run.seconds / max(run.epoch, 1),
         "session_seconds": session_seconds,
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "device": str(device),
         "code_version": code_version(),
     }
@@ -374,19 +375,6 @@ def write_split(path: Path, folder: ImageFolder, split: Split, cfg: TrainConfig)
               "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": split.counts(),
               "train": files(split.train), "val": files(split.val), "test": files(split.test)}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-
-
-def cpu_model() -> str:
-    """The CPU's model name, recorded beside every timing."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def checkpoint_split(meta: dict, data_dir: Path, progress: bool = False) -> tuple[TrainConfig, ImageFolder, Split]:

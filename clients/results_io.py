@@ -129,7 +129,7 @@ class ResultWriter:
             self._write_header_if_needed(empty=True)
 
     def _columns(self) -> list[str]:
-        return CSV_FIXED[:8] + [f"p_{c}" for c in self.classes] + CSV_FIXED[8:]
+        return CSV_FIXED[:5] + [f"p_{c}" for c in self.classes] + CSV_FIXED[5:]
 
     def _write_header_if_needed(self, empty: bool) -> None:
         if self.fmt != "csv" or self._fh is None:

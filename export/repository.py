@@ -6,8 +6,10 @@ that already exists is replaced whole). A failure at any step leaves the output 
 
 Layout (target ``cpu``)::
 
-    <repo>/morphocam_<dataset>/          config.pbtxt, labels.txt, model_card.json, warmup/IMAGES,
-                                         1/model.py, 1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
+    <repo>/morphocam_<dataset>/          config.pbtxt (Triton's ONNX Runtime backend), configs/python-ort.pbtxt,
+                                         configs/openvino.pbtxt (Python-backend alternatives), labels.txt,
+                                         model_card.json, warmup/IMAGES, 1/model.py,
+                                         1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
     <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/explain_core.py,
                                          1/morphocam_net.py, 1/model.safetensors(.sha256)
 
@@ -187,6 +189,48 @@ def _measure_cpu(cfg: ExportConfig, version_dir: Path, images, labels, k: int, c
                     f"on the test split and more than {cfg.speed_margin:.0%} faster than it (INT8 only if kept)"}
 
 
+def _reused_measurements(cfg: ExportConfig, name: str) -> dict | None:
+    """Without ``--measure``, the engine measurements of the model card already in the output (same
+    model name), marked as reused: a re-export that skips the slow measurement keeps its numbers."""
+    old = Path(cfg.output) / name / "model_card.json"
+    if not cfg.reuse_measurements or not old.is_file():
+        return None
+    try:
+        card = json.loads(old.read_text())
+    except (OSError, ValueError):
+        return None
+    engines = card.get("engines")
+    if not engines:
+        return None
+    engines.setdefault("reused_from_export", (card.get("export") or {}).get("exported"))
+    return engines
+
+
+def _write_classifier_configs(cfg: ExportConfig, name: str, contract: InputContract, model_dir: Path,
+                              outputs, engine: str, precision: str, model_file: str) -> dict:
+    """``config.pbtxt`` for Triton's ONNX Runtime / TensorRT backend; for the CPU target also the
+    Python-backend alternatives ``configs/<python-ort|openvino>.pbtxt`` (served with
+    ``morphocam-serve --classifier-engine``, and the fallback when the native backend cannot be built).
+    The released engine/precision/graph (measured) goes to its own alternative; the other runs FP32."""
+    common = dict(max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us, outputs=outputs,
+                  max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances)
+    native_file = "model.plan" if cfg.target == "tensorrt" else "model.onnx"
+    native = pbtxt.classifier_config(name, contract, target=cfg.target, model_file=native_file,
+                                     threads=cfg.threads, **common)
+    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(native))
+    written = {}
+    if cfg.target != "cpu":
+        return written
+    (model_dir / pbtxt.CONFIGS_DIR).mkdir()
+    for config_name, eng in (("python-ort", "onnxruntime"), ("openvino", "openvino")):
+        prec, f = (precision, model_file) if eng == engine else ("fp32", "model.onnx")
+        alt = pbtxt.classifier_config(name, contract, backend="python", engine=eng, precision=prec, model_file=f,
+                                      threads=cfg.threads, **common)
+        (model_dir / pbtxt.CONFIGS_DIR / f"{config_name}.pbtxt").write_text(pbtxt.to_text(alt))
+        written[config_name] = {"engine": eng, "precision": prec, "model_file": f}
+    return written
+
+
 def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResult:
     from .onnx_export import export_onnx
     from .parity import check_parity
@@ -215,6 +259,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
 
     card_engines = None
     engine, precision, model_file = "onnxruntime", "fp32", "model.onnx"
+    outputs = pbtxt.graph_outputs(onnx_file)  # the config declares what the graph computes
     if cfg.target == "cpu":
         if cfg.measure:
             calibration = (D.calibration_images(root, contract, test, cfg.calibration_size, cfg.calibration_dir)
@@ -232,6 +277,7 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
                 raise ExportError("--precision int8 needs --measure true (INT8 is calibrated and checked there)")
             engine = "openvino" if cfg.engine == "openvino" or cfg.precision == "bf16" else "onnxruntime"
             precision = "fp32" if cfg.precision == "auto" else cfg.precision
+            card_engines = _reused_measurements(cfg, name)
         _copy_sources(cfg, "classifier", version_dir)
         contract.save(version_dir / "contract.json")
     elif cfg.target == "tensorrt":
@@ -243,15 +289,12 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
         engine, precision, model_file = "tensorrt", "fp16", "model.plan"
     else:  # gpu-onnx-trt: Triton's ONNX Runtime backend builds the TensorRT engine itself
         engine, precision = "onnxruntime+tensorrt", "fp16"
+        contract.save(version_dir / "contract.json")
 
     (model_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
     (model_dir / pbtxt.WARMUP_DIR).mkdir()
     (model_dir / pbtxt.WARMUP_DIR / INPUT_NAME).write_bytes(np.ascontiguousarray(images[0], np.uint8).tobytes())
-    cfg_msg = pbtxt.classifier_config(
-        name, contract, target=cfg.target, max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
-        max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
-        engine=engine, precision=precision, model_file=model_file, threads=cfg.threads)
-    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
+    python_configs = _write_classifier_configs(cfg, name, contract, model_dir, outputs, engine, precision, model_file)
     # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
     model_sha256 = None
     if (version_dir / model_file).is_file():
@@ -278,8 +321,11 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
         "checkpoint": {"file": checkpoint.name, "sha256": digest, "created": meta.get("created"),
                        "code_version": meta.get("code_version")},
         "export": {**graph, "parity": par, "recorded_test_probs_max_abs_diff": recorded_diff,
+                   "served_by": "Triton ONNX Runtime backend (config.pbtxt, platform onnxruntime_onnx)"
+                                if cfg.target != "tensorrt" else "Triton TensorRT backend",
+                   "python_backend_configs": python_configs,
                    "engine": engine, "precision": precision, "model_file": model_file,
-                   "model_sha256": model_sha256,
+                   "outputs": [o[0] for o in outputs], "model_sha256": model_sha256,
                    "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
         "engines": card_engines,

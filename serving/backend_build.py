@@ -261,7 +261,7 @@ def build_backend(out: Path, wheel: OrtWheel, tritonserver_lib: Path, sources: P
             "seconds": round(time.monotonic() - t0, 1),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n")
         os.rename(staging, out)
-        log(f"built {out / BACKEND_LIB} in {time.monotonic() - t0:.0f} s")
+        log(f"built {BACKEND_LIB} in {time.monotonic() - t0:.0f} s")
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -278,8 +278,16 @@ def ensure_backend(cache_root: Path, tritonserver_lib: Path, sources: Path | Non
     with _locked(root / ".lock"):
         if is_built(folder) and not rebuild:  # built by another process while we waited
             return folder
-        shutil.rmtree(folder, ignore_errors=True)
-        return build_backend(folder, wheel, tritonserver_lib, sources or default_sources(), install_missing, log)
+        # Build beside the cached folder and swap only on success: a failed rebuild keeps the old backend.
+        fresh, old = root / f".{wheel.key}.new", root / f".{wheel.key}.old"
+        for leftover in (fresh, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        build_backend(fresh, wheel, tritonserver_lib, sources or default_sources(), install_missing, log)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(fresh, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
 
 
 def native_models(repository: Path) -> list[str]:

@@ -35,7 +35,7 @@ def check_sidecar(sidecar: Path) -> str | None:
     actual = file_sha256(target)
     if actual != expected:
         return (f"{target.name} sha256 {actual[:16]}... does not match {sidecar.name} ({expected[:16]}...): "
-                f"the file was modified or truncated after export; refusing to serve it (re-export the model)")
+                f"the file was modified or truncated after export; refusing to load it (re-export the model)")
     return None
 
 

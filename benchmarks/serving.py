@@ -5,6 +5,11 @@ optimisation ALL, OpenVINO FP32 and bf16) at batch 1/8/32. The served figures co
 ``tritonclient.grpc`` keeping N requests in flight against the real server on loopback; the average
 server-side batch size comes from Triton's own statistics. The client shares the machine's cores
 with the server, so its cost lowers the served figure: the JSON records the core count.
+
+Each ``--classifier-engines`` entry (default: ``native`` = Triton's own ONNX Runtime backend, then
+``python-ort`` = the Python-backend model.py running ONNX Runtime) is served on its own server in the
+same run, against the same ceiling: ``engines.<name>`` in the JSON; the first engine's rows are also
+at the top level.
 """
 
 from __future__ import annotations
@@ -56,11 +61,17 @@ class ServingBenchConfig:
     instances: Optional[int] = option("override the instance count", None)
     threads: Optional[int] = option("override engine threads per instance", None)
     queue_delay_us: Optional[int] = option("override the dynamic-batching queue delay (microseconds)", None)
+    queue_policy: Optional[bool] = option("false: serve without max_queue_size/timeout (Triton's prefetching "
+                                          "batcher); default: as in the config", None)
+    classifier_engines: tuple[str, ...] = option(
+        "classifier engines served one after the other in this run, each on its own server: native (Triton's "
+        "ONNX Runtime backend) | python-ort | openvino (Python backend); ignored with --engine", ("native", "python-ort"))
 
-    def variant(self):
+    def variant(self, classifier_engine: Optional[str] = None):
         from .variants import ServingVariant
 
-        return ServingVariant(self.engine, self.precision, self.instances, self.threads, self.queue_delay_us)
+        return ServingVariant(self.engine, self.precision, self.instances, self.threads, self.queue_delay_us,
+                              classifier_engine=classifier_engine, queue_policy=self.queue_policy)
 
 
 def _best_matmul_gflops(matmul, a, repeats: int) -> float:
@@ -333,8 +344,55 @@ def _fmt(row: dict) -> str:
             f"left, client {100 * row['client_cpu_share']:.0f}% of the machine), errors {row['errors']}")
 
 
-def run(cfg: ServingBenchConfig) -> dict:
+def serve_rows(cfg: ServingBenchConfig, repository: Path, frames: np.ndarray, contract: InputContract,
+               best: float) -> dict:
+    """Every served measurement on one real server: 1- and n-frame requests at each concurrency, shared
+    memory, the CASA streaming client, perf_analyzer, the explanation model; ratios to ``best``."""
     from morphocam.serving.launcher import TritonServer
+
+    out: dict = {}
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
+        out["server_startup_s"] = srv.startup_seconds
+        pids = list(process_table(srv.process).values())
+        rows = []
+        for per_request in cfg.request_batches:
+            for c in cfg.concurrency:
+                row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, per_request, cfg.seconds,
+                                         server_pids=pids), best)
+                rows.append(row)
+                print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {_fmt(row)}", flush=True)
+        if cfg.shared_memory:
+            for c in (4, 16):
+                row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, 1, cfg.seconds, transport="shm",
+                                         server_pids=pids), best)
+                rows.append(row)
+                print(f"[served] shared memory, 1 frame/request, {c:3d} in flight: {_fmt(row)}", flush=True)
+        out["served"] = rows
+        if cfg.streaming:
+            row = _add_ratios(streaming_client(srv.grpc_url, cfg.model, frames, cfg.stream_frames), best)
+            out["streaming_client"] = row
+            print(f"[streaming client] {row['records']} records for {row['frames']} frames: {_fmt(row)}", flush=True)
+        from . import perf_analyzer
+
+        binary = perf_analyzer.find(cfg.perf_analyzer)
+        if binary is not None:
+            pa = perf_analyzer.run(binary, srv.grpc_url, cfg.model, 16, (contract.height, contract.width, 3),
+                                   seconds=cfg.seconds)
+            pa["ratio_to_ceiling"] = pa["images_per_s"] / best
+            out["perf_analyzer"] = pa
+            print(f"[perf_analyzer] 1 frame/request, 16 in flight: {pa['images_per_s']:7.1f} img/s "
+                  f"p50 {pa['p50_ms']:.1f} p99 {pa['p99_ms']:.1f} ms, ratio {pa['ratio_to_ceiling']:.2f}", flush=True)
+        else:
+            out["perf_analyzer"] = "not found (see README: perf_analyzer from the tritonclient 2.50.0 wheel)"
+        explain_model = f"{cfg.model}{EXPLAIN_SUFFIX}"
+        if cfg.explain and (repository / explain_model).is_dir():
+            out["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
+    return out
+
+
+def run(cfg: ServingBenchConfig) -> dict:
+    import shutil
+    import tempfile
 
     from .variants import describe, write_variant
 
@@ -352,65 +410,30 @@ def run(cfg: ServingBenchConfig) -> dict:
     onnx_files = {p.name: p for p in version_dir.glob("*.onnx")}
     result["inprocess"] = {name: inprocess(p, frames, cfg.batches, cfg.inprocess_seconds)
                            for name, p in sorted(onnx_files.items())}
-    variant = cfg.variant()
-    repository = cfg.model_repository
-    scratch = None
-    if not variant.is_default():
-        import tempfile
-
-        scratch = Path(tempfile.mkdtemp(prefix="morphocam-variant-"))
-        repository = write_variant(cfg.model_repository, cfg.model, variant, scratch / "repo")
-    result["served_config"] = {**describe(repository / cfg.model / "config.pbtxt"),
-                               "variant_of_released": None if variant.is_default() else variant.label()}
-    print(f"[served] config {result['served_config']}", flush=True)
-    best = ceiling(result["inprocess"], result["served_config"]["precision"])
-    result["ceiling_images_per_s"], result["ceiling"] = best
-    result["ceiling_fraction_of_peak"] = best[0] * gflop / peak["peak"]
-    result["fastest_inprocess_any_precision"] = ceiling(result["inprocess"], None)
+    # One server per classifier engine, same frames, same ceiling: native backend vs Python backend.
+    choices = [None] if cfg.engine else list(dict.fromkeys(cfg.classifier_engines))
+    result["engines"] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="morphocam-variant-"))
     try:
-        with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as srv:
-            result["server_startup_s"] = srv.startup_seconds
-            pids = list(process_table(srv.process).values())
-            rows = []
-            for per_request in cfg.request_batches:
-                for c in cfg.concurrency:
-                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, per_request, cfg.seconds,
-                                             server_pids=pids), best[0])
-                    rows.append(row)
-                    print(f"[served] {per_request:2d} frames/request, {c:3d} in flight: {_fmt(row)}", flush=True)
-            if cfg.shared_memory:
-                for c in (4, 16):
-                    row = _add_ratios(served(srv.grpc_url, cfg.model, frames, c, 1, cfg.seconds, transport="shm",
-                                             server_pids=pids), best[0])
-                    rows.append(row)
-                    print(f"[served] shared memory, 1 frame/request, {c:3d} in flight: {_fmt(row)}", flush=True)
-            result["served"] = rows
-            if cfg.streaming:
-                row = _add_ratios(streaming_client(srv.grpc_url, cfg.model, frames, cfg.stream_frames), best[0])
-                result["streaming_client"] = row
-                print(f"[streaming client] {row['records']} records for {row['frames']} frames: {_fmt(row)}",
-                      flush=True)
-            from . import perf_analyzer
-
-            binary = perf_analyzer.find(cfg.perf_analyzer)
-            if binary is not None:
-                pa = perf_analyzer.run(binary, srv.grpc_url, cfg.model, 16, (contract.height, contract.width, 3),
-                                       seconds=cfg.seconds)
-                pa["ratio_to_ceiling"] = pa["images_per_s"] / best[0]
-                result["perf_analyzer"] = pa
-                print(f"[perf_analyzer] 1 frame/request, 16 in flight: {pa['images_per_s']:7.1f} img/s "
-                      f"p50 {pa['p50_ms']:.1f} p99 {pa['p99_ms']:.1f} ms, ratio {pa['ratio_to_ceiling']:.2f}",
-                      flush=True)
-            else:
-                result["perf_analyzer"] = "not found (see README: perf_analyzer from the tritonclient 2.50.0 wheel)"
-            explain_model = f"{cfg.model}{EXPLAIN_SUFFIX}"
-            if cfg.explain and (repository / explain_model).is_dir():
-                result["explain"] = explain_latency(srv.grpc_url, explain_model, frames)
+        for choice in choices:
+            variant = cfg.variant(choice)
+            repository = write_variant(cfg.model_repository, cfg.model, variant, scratch / "repo")
+            served_config = {**describe(repository / cfg.model / "config.pbtxt"),
+                             "variant_of_released": variant.label()}
+            print(f"[served] config {served_config}", flush=True)
+            best = ceiling(result["inprocess"], served_config["precision"])
+            if not result["engines"]:
+                result["ceiling_images_per_s"], result["ceiling"] = best
+                result["ceiling_fraction_of_peak"] = best[0] * gflop / peak["peak"]
+                result["fastest_inprocess_any_precision"] = ceiling(result["inprocess"], None)
+            rows = {"served_config": served_config, "ceiling_images_per_s": best[0], "ceiling": best[1],
+                    **serve_rows(cfg, repository, frames, contract, best[0])}
+            result["engines"][served_config["classifier_engine"] or variant.label()] = rows
     finally:
-        if scratch is not None:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    # The first engine's rows at the top level, as before (plots, older readers).
+    first = next(iter(result["engines"].values()))
+    result.update({k: v for k, v in first.items() if k not in ("ceiling_images_per_s", "ceiling")})
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.output_dir / "serving.json", json.dumps(result, indent=2) + "\n")
     plot(result, cfg.output_dir / "serving.png")

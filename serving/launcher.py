@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 import threading
@@ -203,7 +204,9 @@ class TritonServer:
             return
         cache = Path(self.cache_root or default_cache_root())
         try:
-            folder = backend_build.ensure_backend(cache, self._install.tritonserver_lib, self.backend_sources)
+            folder = backend_build.ensure_backend(cache, self._install.tritonserver_lib, self.backend_sources,
+                                                  log=lambda msg: print(f"[onnxruntime backend] {msg}",
+                                                                        file=sys.stderr, flush=True))
         except backend_build.BackendBuildError as exc:
             fallback = PYTHON_ENGINES[0]
             missing = [m for m in needed if not (repo / m / "configs" / f"{fallback}.pbtxt").is_file()]
@@ -251,9 +254,9 @@ class TritonServer:
                 # Some models may have failed: wait for every model to reach a final state.
                 models = self.models()
                 if models and all(m.get("state") in ("READY", "UNAVAILABLE") for m in models):
-                    self.failed_models = {**self._refused, **{m["name"]: m.get("reason", "") for m in models
-                                                              if m.get("state") != "READY"}}
-                    if len(self.failed_models) < len(models):
+                    failed = {m["name"]: m.get("reason", "") for m in models if m.get("state") != "READY"}
+                    self.failed_models = {**self._refused, **failed}  # left out before the start, then by Triton
+                    if len(failed) < len(models):
                         return
                     raise ServerStartError(f"no model loaded: {self.failed_models}; "
                                            f"log ({self.log_path}):\n{self.log_tail()}")

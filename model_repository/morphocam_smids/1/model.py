@@ -30,8 +30,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 INPUT = "IMAGES"
-OUT_PROBS = "PROBABILITIES"
-OUT_LOGITS = "LOGITS"
 
 
 def _param(config: dict, name: str, default: str) -> str:
@@ -81,7 +79,7 @@ class TritonPythonModel:
             self._session = ort.InferenceSession(str(model_file), sess_options=opts,
                                                  providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
-            self._outputs = [OUT_LOGITS, OUT_PROBS]
+            self._outputs = [o.name for o in self._session.get_outputs()]
             self._run = self._run_ort
         elif self.engine == "openvino":
             import openvino as ov
@@ -94,8 +92,7 @@ class TritonPythonModel:
                 "PERFORMANCE_HINT": "LATENCY",
             })
             self._request = self._compiled.create_infer_request()
-            self._ov_logits = self._compiled.output(OUT_LOGITS)
-            self._ov_probs = self._compiled.output(OUT_PROBS)
+            self._ov_outputs = {o.get_any_name(): o for o in self._compiled.outputs}
             self._run = self._run_ov
         else:
             raise pb_utils.TritonModelException(
@@ -119,13 +116,13 @@ class TritonPythonModel:
                 "refusing to load it (re-export the repository)")
 
     # ------------------------------------------------------------------ engines
-    def _run_ort(self, batch: np.ndarray):
-        logits, probs = self._session.run(self._outputs, {self._input: batch})
-        return logits, probs
+    # Every output the graph has (LOGITS, PROBABILITIES and whatever a later graph adds), by name.
+    def _run_ort(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self._session.run(self._outputs, {self._input: batch})))
 
-    def _run_ov(self, batch: np.ndarray):
+    def _run_ov(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         result = self._request.infer({0: batch})
-        return np.array(result[self._ov_logits], np.float32), np.array(result[self._ov_probs], np.float32)
+        return {name: np.array(result[port]) for name, port in self._ov_outputs.items()}
 
     # ------------------------------------------------------------------ hot path
     def _check(self, tensor) -> tuple[np.ndarray | None, str | None]:
@@ -159,14 +156,13 @@ class TritonPythonModel:
         if good:
             try:
                 batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-                logits, probs = self._run(batch)
+                outputs = self._run(batch)
                 start = 0
                 for i, x in zip(good, arrays):
                     end = start + x.shape[0]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                        pb_utils.Tensor(OUT_PROBS, probs[start:end]),
-                        pb_utils.Tensor(OUT_LOGITS, logits[start:end]),
-                    ])
+                        pb_utils.Tensor(name, np.ascontiguousarray(value[start:end]))
+                        for name, value in outputs.items()])
                     start = end
             except Exception as exc:  # noqa: BLE001
                 err = pb_utils.TritonError(f"{self.model_name}: inference failed: {exc}")

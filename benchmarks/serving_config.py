@@ -39,11 +39,17 @@ class ServingBenchConfig:
     instances: Optional[int] = option("override the instance count", None)
     threads: Optional[int] = option("override engine threads per instance", None)
     queue_delay_us: Optional[int] = option("override the dynamic-batching queue delay (microseconds)", None)
+    queue_policy: Optional[bool] = option("false: serve without max_queue_size/timeout (Triton's prefetching "
+                                          "batcher); default: as in the config", None)
+    classifier_engines: tuple[str, ...] = option(
+        "classifier engines served one after the other in this run, each on its own server: native (Triton's "
+        "ONNX Runtime backend) | python-ort | openvino (Python backend); ignored with --engine", ("native", "python-ort"))
 
-    def variant(self):
+    def variant(self, classifier_engine: Optional[str] = None):
         from .variants import ServingVariant
 
-        return ServingVariant(self.engine, self.precision, self.instances, self.threads, self.queue_delay_us)
+        return ServingVariant(self.engine, self.precision, self.instances, self.threads, self.queue_delay_us,
+                              classifier_engine=classifier_engine, queue_policy=self.queue_policy)
 
     def inprocess_settings(self) -> EngineSettings:
         """The engine settings of the in-process ceiling (engine and precision are filled per engine)."""

@@ -1,4 +1,5 @@
-"""Serving sweep: the released classifier under a grid of engine x instances x threads x queue delay.
+"""Serving sweep: the released classifier under a grid of engine x instances x threads x queue delay
+(engines: Triton's own ONNX Runtime backend ``native`` and the Python-backend engines).
 
     morphocam-bench sweep --model morphocam_smids --images samples/smids
 
@@ -24,7 +25,7 @@ from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.engines import EngineSettings, affinity_cores
 from morphocam.export.engines import cpu_name, openvino_bf16_supported
-from morphocam.contract import InputContract
+from morphocam.contract import NATIVE_ENGINE, InputContract
 
 from .procfs import process_table
 from .inprocess import ceiling, inprocess, load_images
@@ -38,7 +39,10 @@ class SweepConfig:
     model: str = option("classifier model name", "morphocam_smids")
     images: Path = option("folder of real images to send", Path("samples/smids"))
     output_dir: Path = option("results folder", Path("results/benchmarks/serving_sweep"))
-    engines: tuple[str, ...] = option("engine:precision pairs", ("onnxruntime:fp32", "openvino:bf16"))
+    engines: tuple[str, ...] = option("engine:precision pairs: native:fp32 (Triton's ONNX Runtime backend), "
+                                      "onnxruntime:fp32 / openvino:fp32|bf16 (Python backend)",
+                                      ("native:fp32", "onnxruntime:fp32", "openvino:bf16"))
+    queue_policy: bool = option("keep the config's max_queue_size/timeout (false: Triton's prefetching batcher)", True)
     layouts: tuple[str, ...] = option("instances x threads per instance", ("1x2", "2x1", "2x2"))
     delays_us: tuple[int, ...] = option("dynamic-batching queue delays (microseconds)", (1000, 2000, 5000))
     concurrency: tuple[int, ...] = option("requests in flight", (4, 16))
@@ -57,7 +61,13 @@ def _points(cfg: SweepConfig) -> list[ServingVariant]:
         for layout in cfg.layouts:
             instances, _, threads = layout.partition("x")
             for delay in cfg.delays_us:
-                points.append(ServingVariant(engine, precision or "fp32", int(instances), int(threads), int(delay)))
+                policy = None if cfg.queue_policy else False
+                if engine == NATIVE_ENGINE:
+                    points.append(ServingVariant(None, None, int(instances), int(threads), int(delay),
+                                                 classifier_engine=NATIVE_ENGINE, queue_policy=policy))
+                else:
+                    points.append(ServingVariant(engine, precision or "fp32", int(instances), int(threads), int(delay),
+                                                 queue_policy=policy))
     return points
 
 
@@ -84,8 +94,9 @@ def run(cfg: SweepConfig) -> dict:
                 pids = list(process_table(srv.process).values())
                 for c in cfg.concurrency:
                     row = add_ratios(served(srv.grpc_url, cfg.model, frames, c, cfg.frames_per_request,
-                                             cfg.seconds, server_pids=pids), ceilings[variant.precision][0])
-                    row.update(engine=variant.engine, precision=variant.precision, instances=variant.instances,
+                                            cfg.seconds, server_pids=pids), ceilings[variant.precision or "fp32"][0])
+                    row.update(engine=variant.engine or variant.classifier_engine, precision=variant.precision or "fp32",
+                               instances=variant.instances,
                                threads=variant.threads, queue_delay_us=variant.queue_delay_us,
                                label=variant.label())
                     result["points"].append(row)

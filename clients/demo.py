@@ -98,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     written: list[str] = []
     try:
-        print(f"demo: server ready at {server.grpc_url} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        for note in server.warnings:
+            print(f"demo: warning: {note}", file=sys.stderr)
+        print(f"demo: server ready at {server.grpc_url} in {time.monotonic() - t0:.1f} s "
+              f"({server.classifier_engine} classifiers)", file=sys.stderr)
         for ds, model, has_explain, sample_folders in jobs:
             folders = []
             for name in sample_folders:

@@ -34,8 +34,9 @@ class ExportConfig:
     # its 500 ms idle timeout (traced: QUEUE_START -> COMPUTE_START = 500 ms with the instance idle;
     # ~2% of requests at 4-16 in flight); with two, no such stall in 80 s of traced load.
     instances: int = option("instance_group count of the classifier", 2)
-    threads: int = option("engine intra-op threads per instance written to the config (0 = all cores: the "
-                          "instances time-share them, which measured faster than splitting the cores)", 0)
+    threads: int = option("engine intra-op threads per instance written to the configs (0: the Python-backend "
+                          "configs use all cores, time-shared by the instances; the native ONNX Runtime config "
+                          "gets this machine's cores / instances, written explicitly)", 0)
     explain: bool = option("also write the <model>_explain Grad-CAM++ model", True)
     explain_max_batch_size: int = option("max_batch_size of the explain model", 8)
     explain_queue_delay_us: int = option("dynamic batching delay of the explain model", 5000)
@@ -54,6 +55,8 @@ class ExportConfig:
     engine: str = option(f"CPU engine: {' | '.join(ENGINES)} (auto = fastest within the accuracy bound)", "auto")
     precision: str = option(f"CPU precision: {' | '.join(PRECISIONS)}", "auto")
     measure: bool = option("measure engines (speed + test-split accuracy); off: onnxruntime fp32 unless forced", True)
+    reuse_measurements: bool = option("with --measure false, keep the engine measurements of the model card "
+                                      "already in --output (marked as reused)", True)
     release_max_drop: float = option("a reduced-precision variant is released only within this many accuracy points", 0.5)
     int8: bool = option("try static INT8 (ONNX Runtime QDQ) calibrated on real training images", True)
     int8_max_drop: float = option("INT8 is kept only if faster and within this many accuracy points", 1.0)

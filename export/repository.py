@@ -6,8 +6,10 @@ that already exists is replaced whole). A failure at any step leaves the output 
 
 Layout (target ``cpu``)::
 
-    <repo>/morphocam_<dataset>/          config.pbtxt, labels.txt, model_card.json, warmup/IMAGES,
-                                         1/model.py, 1/morphocam_engines.py (the engine factory model.py imports),
+    <repo>/morphocam_<dataset>/          config.pbtxt (Triton's ONNX Runtime backend), configs/python-ort.pbtxt,
+                                         configs/openvino.pbtxt (Python-backend alternatives), labels.txt,
+                                         model_card.json, warmup/IMAGES, 1/model.py,
+                                         1/morphocam_engines.py (the engine factory model.py imports),
                                          1/model.onnx(.sha256) [1/model_int8.onnx], 1/contract.json
     <repo>/morphocam_<dataset>_explain/  config.pbtxt, labels.txt, 1/model.py, 1/explain_core.py,
                                          1/morphocam_net.py, 1/model.safetensors(.sha256)
@@ -198,6 +200,23 @@ def _measure_cpu(cfg: ExportConfig, version_dir: Path, images, labels, k: int, c
                     f"on the test split and more than {cfg.speed_margin:.0%} faster than it (INT8 only if kept)"}
 
 
+def _reused_measurements(cfg: ExportConfig, name: str) -> dict | None:
+    """Without ``--measure``, the engine measurements of the model card already in the output (same
+    model name), marked as reused: a re-export that skips the slow measurement keeps its numbers."""
+    old = Path(cfg.output) / name / "model_card.json"
+    if not cfg.reuse_measurements or not old.is_file():
+        return None
+    try:
+        card = json.loads(old.read_text())
+    except (OSError, ValueError):
+        return None
+    engines = card.get("engines")
+    if not engines:
+        return None
+    engines.setdefault("reused_from_export", (card.get("export") or {}).get("exported"))
+    return engines
+
+
 @dataclass
 class Served:
     """Which engine, precision and graph file the classifier's config.pbtxt names, and the card's
@@ -229,10 +248,10 @@ def _write_graph(cfg: ExportConfig, net, contract: InputContract, onnx_file: Pat
     return graph, par
 
 
-def _cpu_variant(cfg: ExportConfig, version_dir: Path, root: Path, contract: InputContract, test, images, labels,
-                 eval_what: str) -> Served:
-    """The CPU target: measure the engines and release the rule's choice, or take the flags as given;
-    then put the classifier's ``model.py``, the engine factory it imports and the contract beside the graph."""
+def _cpu_variant(cfg: ExportConfig, name: str, version_dir: Path, root: Path, contract: InputContract, test, images,
+                 labels, eval_what: str) -> Served:
+    """The CPU target: measure the engines and release the rule's choice, or take the flags as given
+    (keeping the measurements of the card already in the output, :func:`_reused_measurements`); then put the classifier's ``model.py``, the engine factory it imports and the contract beside the graph."""
     if cfg.measure:
         calibration = (D.calibration_images(root, contract, test, cfg.calibration_size, cfg.calibration_dir)
                        if (cfg.int8 or cfg.precision == "int8") else None)
@@ -249,7 +268,8 @@ def _cpu_variant(cfg: ExportConfig, version_dir: Path, root: Path, contract: Inp
         if cfg.precision == "int8":
             raise ExportError("--precision int8 needs --measure true (INT8 is calibrated and checked there)")
         served = Served("openvino" if cfg.engine == "openvino" or cfg.precision == "bf16" else "onnxruntime",
-                        "fp32" if cfg.precision == "auto" else cfg.precision)
+                        "fp32" if cfg.precision == "auto" else cfg.precision,
+                        card_engines=_reused_measurements(cfg, name))
     # model.py runs in the Triton stub, where the project is not installed: the factory travels with it.
     _copy_sources(cfg, "classifier", version_dir)
     contract.save(version_dir / "contract.json")
@@ -265,35 +285,58 @@ def _gpu_variant(cfg: ExportConfig, onnx_file: Path, contract: InputContract) ->
         plan = build_plan(onnx_file, onnx_file.with_name("model.plan"), contract, cfg.max_batch_size)
         onnx_file.unlink()
         return Served("tensorrt", "fp16", "model.plan", {"tensorrt": plan})
+    contract.save(onnx_file.with_name("contract.json"))
     return Served("onnxruntime+tensorrt", "fp16")  # gpu-onnx-trt
 
 
+def _write_classifier_configs(cfg: ExportConfig, name: str, contract: InputContract, model_dir: Path,
+                              outputs, served: Served) -> dict:
+    """``config.pbtxt`` for Triton's ONNX Runtime / TensorRT backend; for the CPU target also the
+    Python-backend alternatives ``configs/<python-ort|openvino>.pbtxt`` (served with
+    ``morphocam-serve --classifier-engine``, and the fallback when the native backend cannot be built).
+    The released engine/precision/graph (measured) goes to its own alternative; the other runs FP32.
+    Every config declares the same ``outputs`` (the graph's, trust outputs included)."""
+    common = dict(max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us, outputs=outputs,
+                  max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances)
+    native_file = "model.plan" if cfg.target == "tensorrt" else "model.onnx"
+    native = pbtxt.classifier_config(name, contract, target=cfg.target, model_file=native_file,
+                                     threads=cfg.threads, **common)
+    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(native))
+    written = {}
+    if cfg.target != "cpu":
+        return written
+    (model_dir / pbtxt.CONFIGS_DIR).mkdir()
+    for config_name, eng in (("python-ort", "onnxruntime"), ("openvino", "openvino")):
+        prec, f = (served.precision, served.model_file) if eng == served.engine else ("fp32", "model.onnx")
+        alt = pbtxt.classifier_config(name, contract, backend="python", engine=eng, precision=prec, model_file=f,
+                                      threads=cfg.threads, **common)
+        (model_dir / pbtxt.CONFIGS_DIR / f"{config_name}.pbtxt").write_text(pbtxt.to_text(alt))
+        written[config_name] = {"engine": eng, "precision": prec, "model_file": f}
+    return written
+
+
 def _write_classifier_folder(cfg: ExportConfig, name: str, contract: InputContract, model_dir: Path, images,
-                             served: Served, trust: bool = False) -> str | None:
-    """labels, the warm-up frame, config.pbtxt and the graph's sha256 sidecar; returns that sha256."""
+                             served: Served, outputs) -> tuple[str | None, dict]:
+    """labels, the warm-up frame, the configs (:func:`_write_classifier_configs`) and the graph's sha256
+    sidecar; returns that sha256 and which Python-backend configs were written."""
     (model_dir / "labels.txt").write_text("\n".join(contract.classes) + "\n")
     (model_dir / pbtxt.WARMUP_DIR).mkdir()
     (model_dir / pbtxt.WARMUP_DIR / INPUT_NAME).write_bytes(np.ascontiguousarray(images[0], np.uint8).tobytes())
-    cfg_msg = pbtxt.classifier_config(
-        name, contract, target=cfg.target, max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
-        max_queue_size=cfg.max_queue_size, queue_timeout_us=cfg.queue_timeout_us, instances=cfg.instances,
-        engine=served.engine, precision=served.precision, model_file=served.model_file, threads=cfg.threads,
-        trust=trust)
-    (model_dir / "config.pbtxt").write_text(pbtxt.to_text(cfg_msg))
+    python_configs = _write_classifier_configs(cfg, name, contract, model_dir, outputs, served)
     # Integrity sidecar of the served graph: the classifier refuses a file that does not match it.
     graph_file = model_dir / "1" / served.model_file
     if not graph_file.is_file():
-        return None
+        return None, python_configs
     from morphocam.training.checkpoint import file_sha256
 
     model_sha256 = file_sha256(graph_file)
     graph_file.with_name(f"{served.model_file}.sha256").write_text(f"{model_sha256}  {served.model_file}\n")
-    return model_sha256
+    return model_sha256, python_configs
 
 
 def _model_card(cfg: ExportConfig, name: str, checkpoint: Path, digest: str, net, meta: dict,
                 contract: InputContract, root: Path, graph: dict, par: dict, recorded_diff, served: Served,
-                model_sha256: str | None) -> dict:
+                model_sha256: str | None, outputs, python_configs: dict) -> dict:
     """model_card.json: data, contract, network, checkpoint, export checks and engine measurements."""
     return {
         "name": name, "version": 1, "target": cfg.target,
@@ -306,8 +349,11 @@ def _model_card(cfg: ExportConfig, name: str, checkpoint: Path, digest: str, net
         "checkpoint": {"file": checkpoint.name, "sha256": digest, "created": meta.get("created"),
                        "code_version": meta.get("code_version")},
         "export": {**graph, "parity": par, "recorded_test_probs_max_abs_diff": recorded_diff,
+                   "served_by": "Triton ONNX Runtime backend (config.pbtxt, platform onnxruntime_onnx)"
+                                if cfg.target != "tensorrt" else "Triton TensorRT backend",
+                   "python_backend_configs": python_configs,
                    "engine": served.engine, "precision": served.precision, "model_file": served.model_file,
-                   "model_sha256": model_sha256,
+                   "outputs": [o[0] for o in outputs], "model_sha256": model_sha256,
                    "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "command": "morphocam-export --checkpoints <checkpoints> --output <repo> --target " + cfg.target},
         "engines": served.card_engines,
@@ -342,11 +388,13 @@ def export_one(cfg: ExportConfig, checkpoint: Path, staging: Path) -> ModelResul
     version_dir.mkdir(parents=True)
     trust = _fit_trust(cfg, net, meta, root, contract) if cfg.trust else None
     graph, par = _write_graph(cfg, net, contract, version_dir / "model.onnx", images, trust)
-    served = (_cpu_variant(cfg, version_dir, root, contract, test, images, labels, eval_what) if cfg.target == "cpu"
-              else _gpu_variant(cfg, version_dir / "model.onnx", contract))
-    model_sha256 = _write_classifier_folder(cfg, name, contract, model_dir, images, served, trust is not None)
+    outputs = pbtxt.graph_outputs(version_dir / "model.onnx")  # every config declares what the graph computes
+    served = (_cpu_variant(cfg, name, version_dir, root, contract, test, images, labels, eval_what)
+              if cfg.target == "cpu" else _gpu_variant(cfg, version_dir / "model.onnx", contract))
+    model_sha256, python_configs = _write_classifier_folder(cfg, name, contract, model_dir, images, served, outputs)
     card = _model_card(cfg, name, checkpoint, digest, net, meta, contract, root, graph, par,
-                       _recorded_diff(cfg, net, images, recorded, contract), served, model_sha256)
+                       _recorded_diff(cfg, net, images, recorded, contract), served, model_sha256,
+                       outputs, python_configs)
     card["trust"] = None if trust is None else {**trust.card, "outputs": TRUST_CONTRACT}
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     result = ModelResult(name, [model_dir], card)

@@ -39,6 +39,15 @@ EXPLAIN_TARGET = "TARGET_CLASS"
 EXPLAIN_HEATMAP = "HEATMAP"
 EXPLAIN_OVERLAY_PNG = "OVERLAY_PNG"
 
+# How a classifier folder can be served. ``config.pbtxt`` is Triton's own ONNX Runtime backend
+# (``platform: "onnxruntime_onnx"``, the same file NGC's Triton runs); ``configs/<name>.pbtxt`` are the
+# Python-backend alternatives (``1/model.py`` running ONNX Runtime or OpenVINO in a stub process),
+# chosen at serve time with Triton's ``--model-config-name`` (models without that file, e.g. the
+# explainers, keep their ``config.pbtxt``).
+NATIVE_ENGINE = "native"
+PYTHON_ENGINES = ("python-ort", "openvino")
+CLASSIFIER_ENGINES = (NATIVE_ENGINE, *PYTHON_ENGINES)
+
 # Class order per dataset. The order is the index of the output vector, forever: changing it is a
 # new model, not a new version.
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {

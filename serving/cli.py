@@ -2,6 +2,12 @@
 
     morphocam-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
                     [--metrics-port 8002] [--log-verbose 0] [--startup-timeout 300]
+                    [--classifier-engine native|python-ort|openvino] [--backend-sources DIR]
+    morphocam-serve --build-backend [--backend-sources DIR]
+
+The classifiers run on Triton's own ONNX Runtime backend, compiled from Triton's sources on first use
+and cached per ONNX Runtime version (``serving/backend_build.py``); where it cannot be built, they fall
+back to their Python-backend configs with a warning.
 
 Waits until the server and every model (warm-up included) are ready, prints the endpoints, and on
 SIGINT/SIGTERM stops the server cleanly (no stub processes or /dev/shm segments left behind).
@@ -23,6 +29,8 @@ from typing import Optional
 
 from morphocam.config import parse_config
 
+from morphocam.contract import CLASSIFIER_ENGINES, NATIVE_ENGINE
+
 from .launcher import LOOPBACK_HOSTS, ServerStartError, TritonServer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +51,16 @@ class ServeConfig:
     grpc_ssl_key: Optional[Path] = field(default=None, metadata={"help": "PEM private key of --grpc-ssl-cert"})
     allow_failed_models: bool = field(default=False, metadata={"help": "keep serving the models that loaded when "
                                                                 "others fail (Triton --exit-on-error=false)"})
+    classifier_engine: str = field(default=NATIVE_ENGINE, metadata={
+        "help": f"how the classifiers run: {' | '.join(CLASSIFIER_ENGINES)} (native = Triton's ONNX Runtime "
+                "backend, built on first use; the others = the Python-backend configs/<engine>.pbtxt)",
+        "choices": CLASSIFIER_ENGINES})
+    backend_sources: Optional[Path] = field(default=None, metadata={
+        "help": "local Triton sources for the native backend build (triton/{core,common,backend,onnxruntime_backend}"
+                " + onnxruntime/onnxruntime_c_api.h); default: $MORPHOCAM_TRITON_SOURCES, ../shared/third_party, "
+                "else clone the tagged repositories"})
+    build_backend: bool = field(default=False, metadata={
+        "help": "only build (or rebuild) Triton's ONNX Runtime backend into the cache, print its folder and exit"})
 
 
 def exposure_warning(host: str, tls: bool) -> str | None:
@@ -59,9 +77,26 @@ def exposure_warning(host: str, tls: bool) -> str | None:
             f"proxy or firewall.")
 
 
+def build_only(cfg: ServeConfig) -> int:
+    """``--build-backend``: compile Triton's ONNX Runtime backend into the cache (always rebuilds)."""
+    from .backend_build import ensure_backend
+    from .triton_install import TritonInstall, default_cache_root
+
+    try:
+        folder = ensure_backend(default_cache_root(), TritonInstall.find().tritonserver_lib, cfg.backend_sources,
+                                rebuild=True)
+    except ServerStartError as exc:  # BackendBuildError included
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv, "Serve morphocam models with NVIDIA Triton Inference Server (CPU).",
                        prog="morphocam-serve")
+    if cfg.build_backend:
+        return build_only(cfg)
     warning = exposure_warning(cfg.host, tls=cfg.grpc_ssl_cert is not None)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -86,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(repo, host=cfg.host, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
                           metrics_port=cfg.metrics_port, log_verbose=cfg.log_verbose,
                           startup_timeout=cfg.startup_timeout, grpc_ssl_cert=cfg.grpc_ssl_cert,
-                          grpc_ssl_key=cfg.grpc_ssl_key, require_all_models=not cfg.allow_failed_models)
+                          grpc_ssl_key=cfg.grpc_ssl_key, require_all_models=not cfg.allow_failed_models,
+                          classifier_engine=cfg.classifier_engine, backend_sources=cfg.backend_sources)
     print(f"starting tritonserver on {repo} (log: {server.log_path}) ...", flush=True)
     try:
         server.start()
@@ -95,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         models = ", ".join(f"{m['name']} v{m.get('version', '?')}" for m in server.models())
-        print(f"ready in {server.startup_seconds:.1f} s: {models}", flush=True)
+        for note in server.warnings:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        print(f"ready in {server.startup_seconds:.1f} s ({server.classifier_engine} classifiers): {models}",
+              flush=True)
         for name, reason in server.failed_models.items():
             print(f"warning: model {name} failed to load and is not served: {reason}", file=sys.stderr, flush=True)
         print(f"  gRPC    {server.grpc_url}{' (TLS)' if cfg.grpc_ssl_cert else ''}\n  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}",

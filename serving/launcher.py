@@ -12,17 +12,22 @@ backend and environment), :mod:`.ports`, :mod:`.processes` (the stub process tre
 
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
-from . import processes, shm
+
+from morphocam.contract import CLASSIFIER_ENGINES, NATIVE_ENGINE, PYTHON_ENGINES
+
+from . import backend_build, integrity, processes, shm
 from .errors import PortInUseError, ServerStartError
 from .health import HealthProbe
 from .ports import LOOPBACK_HOSTS, client_host, free_port, port_is_free
-from .triton_install import TritonInstall
+from .triton_install import TritonInstall, default_cache_root
 
 __all__ = ["TritonServer", "TritonInstall", "ServerStartError", "PortInUseError", "LOOPBACK_HOSTS", "free_port",
            "port_is_free"]
@@ -43,14 +48,25 @@ class TritonServer:
                  extra_args: tuple[str, ...] = (), cache_root: Path | None = None,
                  grpc_ssl_cert: Path | str | None = None, grpc_ssl_key: Path | str | None = None,
                  require_all_models: bool = True, stub_python: Path | str | None = None,
-                 cwd: Path | str | None = None):
+                 cwd: Path | str | None = None, classifier_engine: str = NATIVE_ENGINE,
+                 backend_sources: Path | str | None = None, fallback: bool = True):
         """``grpc_ssl_cert``/``grpc_ssl_key`` (PEM files, both or neither) turn on TLS for gRPC (HTTP and
         metrics stay plaintext: keep them on loopback). ``require_all_models=False`` lets the server come
         up when some models fail to load (``--exit-on-error=false``): readiness then waits until every
         model has a final state and at least one is READY; the failures are in :attr:`failed_models`.
         ``stub_python`` is the ``python3`` of the environment the Python-backend stubs run in (same minor
         version as this one; default: this interpreter's), ``cwd`` the server's working directory, which
-        the stubs put on ``sys.path`` (default: ours)."""
+        the stubs put on ``sys.path`` (default: ours).
+
+        ``classifier_engine``: ``native`` serves each model's ``config.pbtxt`` (Triton's ONNX Runtime
+        backend for the classifiers, built on first use and cached: :mod:`.backend_build`, from
+        ``backend_sources`` or the default sources); ``python-ort``/``openvino`` serve the classifiers'
+        Python-backend ``configs/<engine>.pbtxt`` instead. With ``fallback`` a native backend that cannot
+        be built falls back to ``python-ort`` (reason in :attr:`warnings`). Before starting, every model
+        file is checked against its ``.sha256`` sidecar (:mod:`.integrity`): a mismatch refuses the start,
+        or with ``require_all_models=False`` leaves that model out (reason in :attr:`failed_models`)."""
+        if classifier_engine not in CLASSIFIER_ENGINES:
+            raise ValueError(f"classifier_engine must be one of {CLASSIFIER_ENGINES}, got {classifier_engine!r}")
         if (grpc_ssl_cert is None) != (grpc_ssl_key is None):
             raise ValueError("give both grpc_ssl_cert and grpc_ssl_key (PEM files) for gRPC TLS, or neither")
         self.grpc_ssl_cert = Path(grpc_ssl_cert).resolve() if grpc_ssl_cert else None
@@ -75,6 +91,13 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self._install: TritonInstall | None = None
+        self.classifier_engine = classifier_engine
+        self.backend_sources = Path(backend_sources) if backend_sources else None
+        self.fallback = fallback
+        self.warnings: list[str] = []
+        self._native: dict[str, Path] = {}  # {backend name: built folder} linked into the backend directory
+        self._refused: dict[str, str] = {}  # models left out before the start (integrity)
+        self._served_repository: Path | None = None  # a filtered copy (links) when models were left out
 
     # ----------------------------------------------------------------- endpoints
     @property
@@ -92,10 +115,10 @@ class TritonServer:
     # ----------------------------------------------------------------- command
     def command(self) -> list[str]:
         install = self._install or TritonInstall.find()
-        backends = install.backend_directory(self.cache_root)
+        backends = install.backend_directory(self.cache_root, self._native)
         args = [
             str(install.binary),
-            f"--model-repository={self.model_repository}",
+            f"--model-repository={self._served_repository or self.model_repository}",
             f"--backend-directory={backends}",
             f"--cache-directory={install.caches}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -110,6 +133,9 @@ class TritonServer:
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--exit-timeout-secs={max(int(self.stop_grace) - 2, 1)}",
         ]
+        if self.classifier_engine != NATIVE_ENGINE:
+            # configs/<engine>.pbtxt where a model has one (the classifiers), config.pbtxt elsewhere
+            args.append(f"--model-config-name={self.classifier_engine}")
         if self.grpc_ssl_cert:
             args += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.grpc_ssl_cert}",
                      f"--grpc-server-key={self.grpc_ssl_key}"]
@@ -138,6 +164,9 @@ class TritonServer:
                 raise ServerStartError(f"gRPC TLS file {pem} does not exist")
         self._install = TritonInstall.find()
         self.check_ports()
+        self._verify_models()
+        if self.classifier_engine == NATIVE_ENGINE:
+            self._prepare_native_backend()
         shm.cleanup_stale()
         env = self._install.environment(stub_python=self.stub_python)
         t0 = time.monotonic()
@@ -154,6 +183,41 @@ class TritonServer:
             raise
         self.startup_seconds = time.monotonic() - t0
         return self
+
+    def _verify_models(self) -> None:
+        """Refuse (or, when some models may fail, leave out) every model whose files fail their sidecar."""
+        self._refused = integrity.verify_repository(self.model_repository)
+        if not self._refused:
+            return
+        reasons = "; ".join(f"{m}: {r}" for m, r in self._refused.items())
+        if self.require_all_models or len(self._refused) == len(integrity.model_folders(self.model_repository)):
+            raise ServerStartError(f"model integrity check failed, not starting: {reasons}")
+        self.warnings.append(f"left out (integrity check failed): {reasons}")
+        self._served_repository = integrity.without_models(self.model_repository, set(self._refused))
+
+    def _prepare_native_backend(self) -> None:
+        """Build (once, cached) Triton's ONNX Runtime backend when a served model needs it; if it cannot be
+        built, fall back to the Python-backend configs when every such model has one."""
+        repo = self._served_repository or self.model_repository
+        needed = backend_build.native_models(repo)
+        if not needed:
+            return
+        cache = Path(self.cache_root or default_cache_root())
+        try:
+            folder = backend_build.ensure_backend(cache, self._install.tritonserver_lib, self.backend_sources,
+                                                  log=lambda msg: print(f"[onnxruntime backend] {msg}",
+                                                                        file=sys.stderr, flush=True))
+        except backend_build.BackendBuildError as exc:
+            fallback = PYTHON_ENGINES[0]
+            missing = [m for m in needed if not (repo / m / "configs" / f"{fallback}.pbtxt").is_file()]
+            if not self.fallback or missing:
+                raise ServerStartError(f"Triton's ONNX Runtime backend is needed by {', '.join(needed)} and cannot "
+                                       f"be built: {exc}") from exc
+            self.warnings.append(f"Triton's ONNX Runtime backend cannot be built ({exc}); serving the classifiers "
+                                 f"with the Python backend (configs/{fallback}.pbtxt) instead")
+            self.classifier_engine = fallback
+            return
+        self._native = {"onnxruntime": folder}
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -190,9 +254,9 @@ class TritonServer:
                 # Some models may have failed: wait for every model to reach a final state.
                 models = self.models()
                 if models and all(m.get("state") in ("READY", "UNAVAILABLE") for m in models):
-                    self.failed_models = {m["name"]: m.get("reason", "") for m in models
-                                          if m.get("state") != "READY"}
-                    if len(self.failed_models) < len(models):
+                    failed = {m["name"]: m.get("reason", "") for m in models if m.get("state") != "READY"}
+                    self.failed_models = {**self._refused, **failed}  # left out before the start, then by Triton
+                    if len(failed) < len(models):
                         return
                     raise ServerStartError(f"no model loaded: {self.failed_models}; "
                                            f"log ({self.log_path}):\n{self.log_tail()}")
@@ -220,6 +284,9 @@ class TritonServer:
             # Stubs normally exit with the server; anything left in its group or tree is killed.
             processes.kill_tree(proc.pid, set(stubs) | set(processes.descendants(proc.pid)))
         self.cleanup_shm()
+        if self._served_repository is not None:
+            shutil.rmtree(self._served_repository, ignore_errors=True)  # links only
+            self._served_repository = None
         if self._own_log and code == 0:
             self.log_path.unlink(missing_ok=True)
         return code

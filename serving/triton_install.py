@@ -1,7 +1,8 @@
 """Where the ``nvidia-pytriton`` wheel keeps Triton's pieces, and the environment its server needs.
 
 The wheel bundles a real ``tritonserver`` (2.51), ``libtritonserver`` and the Python backend, but no
-ONNX Runtime backend. What the binary needs on a CPU box (see ``../shared/NOTES.md``):
+ONNX Runtime backend (:mod:`.backend_build` compiles Triton's own, linked in as ``onnxruntime/``).
+What the binary needs on a CPU box (see ``../shared/NOTES.md``):
 
 - a backend directory holding ``python/`` = ``libtriton_python.so`` + ``triton_python_backend_utils.py``
   + the stub for this interpreter's version (assembled once, as symlinks, in a cache folder);
@@ -78,14 +79,28 @@ class TritonInstall:
             "triton_python_backend_stub": self.stub,
         }
 
-    def backend_directory(self, cache_root: Path | None = None) -> Path:
-        """A ``--backend-directory`` with ``python/`` assembled from the wheel (symlinks, built once)."""
-        target = Path(cache_root or default_cache_root()) / "triton_backends"
+    @property
+    def tritonserver_lib(self) -> Path:
+        """The wheel's ``libtritonserver``, renamed ``libtritonserver-<hash>.so`` by auditwheel."""
+        found = sorted(self.libs.glob("libtritonserver*.so*"))
+        if not found:
+            raise ServerStartError(f"no libtritonserver*.so in {self.libs}: nvidia-pytriton install is incomplete")
+        return found[0]
+
+    def backend_directory(self, cache_root: Path | None = None, native: dict[str, Path] | None = None) -> Path:
+        """A ``--backend-directory`` with ``python/`` assembled from the wheel (symlinks, built once) and,
+        for each ``native`` entry {backend name: built folder}, ``<name>`` linked to that folder (e.g.
+        ``onnxruntime`` -> :func:`.backend_build.ensure_backend`). Each combination gets its own folder,
+        so servers started with and without a native backend never rewrite each other's."""
+        native = dict(sorted((native or {}).items()))
+        suffix = "" if not native else "." + "-".join(f"{k}-{Path(v).name}" for k, v in native.items())
+        target = Path(cache_root or default_cache_root()) / f"triton_backends{suffix}"
         python_dir = target / "python"
         wanted = self.python_backend_files()
         ok = python_dir.is_dir() and all(
             (python_dir / name).is_symlink() and os.readlink(python_dir / name) == str(src)
-            for name, src in wanted.items())
+            for name, src in wanted.items()) and all(
+            (target / name).is_symlink() and os.readlink(target / name) == str(src) for name, src in native.items())
         if ok:
             return target
         # Build in a temporary sibling and rename into place, so concurrent starts never see half a folder.
@@ -94,6 +109,8 @@ class TritonInstall:
         (staging / "python").mkdir()
         for name, src in wanted.items():
             os.symlink(src, staging / "python" / name)
+        for name, src in native.items():
+            os.symlink(src, staging / name)
         shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(staging, target)

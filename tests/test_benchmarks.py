@@ -76,8 +76,16 @@ def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
     cfg = ServingBenchConfig(model_repository=serving_repository, images=repo_root / "samples" / "hushem",
                              output_dir=tmp_path, batches=(1,), concurrency=(2,), request_batches=(1, 4),
                              seconds=0.5, inprocess_seconds=0.2, explain=False, shared_memory=True,
-                             stream_frames=40, instances=1, queue_delay_us=500)
+                             stream_frames=40, instances=1, queue_delay_us=500,
+                             classifier_engines=("native", "python-ort"))
     result = run(cfg)
+    # both engines served in the one run, each on its own server, against the same ceiling
+    assert list(result["engines"]) == ["native", "python-ort"]
+    assert result["engines"]["native"]["served_config"]["engine"] == "onnxruntime (Triton backend)"
+    assert result["engines"]["python-ort"]["served_config"]["engine"] == "onnxruntime"
+    for engine in result["engines"].values():
+        assert engine["served"] and all(r["errors"] == 0 for r in engine["served"])
+        assert engine["streaming_client"]["records"] == 40
     # the ceiling cannot beat the machine's matmul peak, and it was measured with the served engine settings
     assert result["ceiling_images_per_s"] > 0 and 0 < result["ceiling_fraction_of_peak"] < 1
     served_settings = EngineSettings().describe()
@@ -104,13 +112,14 @@ def test_serving_sweep_smoke(serving_repository, repo_root, tmp_path):
     from morphocam.benchmarks.serving_sweep import SweepConfig, run
 
     cfg = SweepConfig(model_repository=serving_repository, model="morphocam_hushem",
-                      images=repo_root / "samples" / "hushem", output_dir=tmp_path, engines=("onnxruntime:fp32",),
+                      images=repo_root / "samples" / "hushem", output_dir=tmp_path, engines=("native:fp32",),
                       layouts=("2x1",), delays_us=(1000,), concurrency=(2,), seconds=0.5, inprocess_seconds=0.2)
     result = run(cfg)
     (point,) = result["points"]
     assert (point["instances"], point["threads"], point["queue_delay_us"]) == (2, 1, 1000)
+    assert point["engine"] == "native"
     assert point["errors"] == 0 and point["requests"] > 0 and point["avg_server_batch"] >= 1
-    assert point["label"] == "onnxruntime/fp32, 2x1, delay 1000 us"
+    assert point["label"] == "native, 2x1, delay 1000 us"
     served_settings = EngineSettings().describe()
     assert result["inprocess_settings"] == {k: served_settings[k] for k in ("threads", "spinning", "execution_mode")}
     assert (tmp_path / "sweep.json").is_file() and (tmp_path / "sweep.png").is_file()
@@ -151,6 +160,15 @@ def test_serving_variant_overrides_only_the_copy(serving_repository, tmp_path):
     assert describe(serving_repository / "morphocam_hushem" / "config.pbtxt")["instances"] == ExportConfig().instances
     assert variant.label() == "openvino/fp32, 3x1, delay 750 us, preferred [4, 8]"
     assert ServingVariant().is_default() and ServingVariant().label() == "as released"
+
+    # the native config: threads are ONNX Runtime's intra-op count; the queue policy can be dropped
+    native = ServingVariant(instances=1, threads=2, classifier_engine="native", queue_policy=False)
+    repo = write_variant(serving_repository, "morphocam_hushem", native, tmp_path / "repo2")
+    got = describe(repo / "morphocam_hushem" / "config.pbtxt")
+    assert (got["classifier_engine"], got["instances"], got["threads"], got["queue_policy"]) == ("native", 1, 2, False)
+    with pytest.raises(ValueError, match="Python-backend"):
+        write_variant(serving_repository, "morphocam_hushem", ServingVariant(engine="openvino", classifier_engine="native"),
+                      tmp_path / "repo3")
 
 
 def test_trust_benchmark_smoke(hushem_dir, repo_root, tmp_path):

@@ -121,7 +121,8 @@ def test_cpu_repository_layout(cpu_repo, random_ckpt, repo_root):
     out, results = cpu_repo
     m = out / "morphocam_hushem"
     e = out / "morphocam_hushem_explain"
-    for rel in ("config.pbtxt", "labels.txt", "model_card.json", "warmup/IMAGES", "1/model.py", "1/model.onnx",
+    for rel in ("config.pbtxt", "configs/python-ort.pbtxt", "configs/openvino.pbtxt", "labels.txt",
+                "model_card.json", "warmup/IMAGES", "1/model.py", "1/model.onnx", "1/model.onnx.sha256",
                 "1/contract.json"):
         assert (m / rel).is_file(), rel
     for rel in ("config.pbtxt", "labels.txt", "1/model.py", "1/explain_core.py", "1/morphocam_net.py",
@@ -154,7 +155,9 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     cfg = parse(out / "morphocam_hushem" / "config.pbtxt")
     assert isinstance(cfg, mc.ModelConfig)
     exported = ExportConfig()
-    assert cfg.name == "morphocam_hushem" and cfg.backend == "python" and cfg.max_batch_size == exported.max_batch_size
+    # Triton's own ONNX Runtime backend, as on NGC; the Python-backend configs are the alternatives below
+    assert cfg.name == "morphocam_hushem" and cfg.platform == "onnxruntime_onnx"
+    assert cfg.max_batch_size == exported.max_batch_size and cfg.default_model_filename == "model.onnx"
     (inp,) = cfg.input
     assert inp.name == INPUT_NAME and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [SIZE, SIZE, 3]
     outs = {o.name: (o.data_type, list(o.dims)) for o in cfg.output}
@@ -168,10 +171,19 @@ def test_classifier_config_parses_into_triton_protobuf(cpu_repo):
     assert db.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params == {"engine": "onnxruntime", "precision": "fp32", "model_file": "model.onnx", "threads": "0"}
+    assert set(params) == {"intra_op_thread_count", "inter_op_thread_count"}
+    assert int(params["intra_op_thread_count"]) >= 1 and params["inter_op_thread_count"] == "1"
     (w,) = cfg.model_warmup
     assert w.batch_size == 1 and w.inputs[INPUT_NAME].input_data_file == "IMAGES"
     assert list(w.inputs[INPUT_NAME].dims) == [SIZE, SIZE, 3]
+    # the Python-backend alternatives: same I/O, batching and warm-up; their own backend and engine
+    for name, engine in (("python-ort", "onnxruntime"), ("openvino", "openvino")):
+        alt = parse(out / "morphocam_hushem" / "configs" / f"{name}.pbtxt")
+        assert alt.backend == "python" and not alt.platform
+        params = {k: v.string_value for k, v in alt.parameters.items()}
+        assert params == {"engine": engine, "precision": "fp32", "model_file": "model.onnx", "threads": "0"}
+        assert (alt.input, alt.output, alt.dynamic_batching, alt.model_warmup, alt.instance_group) == \
+            (cfg.input, cfg.output, cfg.dynamic_batching, cfg.model_warmup, cfg.instance_group)
 
 
 def test_explain_config_parses_into_triton_protobuf(cpu_repo, random_ckpt):

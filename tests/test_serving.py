@@ -69,24 +69,21 @@ def test_metadata_and_config(client, contract):
     assert [int(d) for d in outputs["PREDICTION_SET"]["shape"]] == [-1, contract.num_classes]
     cfg = client.get_model_config(MODEL, as_json=True)["config"]
     exported = ExportConfig()  # the serving repository is exported with the defaults
-    assert cfg["backend"] == "python" and int(cfg["max_batch_size"]) == exported.max_batch_size
-    assert "dynamic_batching" in cfg
-    assert cfg["parameters"]["engine"]["string_value"] in ("onnxruntime", "openvino")
+    # Triton's own ONNX Runtime backend, with explicit thread counts (unset, throughput collapses)
+    assert cfg["platform"] == "onnxruntime_onnx" and cfg["backend"] == "onnxruntime"
+    assert int(cfg["max_batch_size"]) == exported.max_batch_size and "dynamic_batching" in cfg
+    assert int(cfg["parameters"]["intra_op_thread_count"]["string_value"]) >= 1
+    assert cfg["parameters"]["inter_op_thread_count"]["string_value"] == "1"
     ecfg = client.get_model_config(EXPLAIN, as_json=True)["config"]
     assert int(ecfg["max_batch_size"]) == exported.explain_max_batch_size
     assert {o["name"] for o in ecfg["output"]} == {"PROBABILITIES", "HEATMAP", "OVERLAY_PNG", "TARGET_CLASS_USED"}
 
 
 # ------------------------------------------------------------------ classification
-def _in_process_engine(client, repo: Path):
-    """The classifier's own model.py and engine, built in this process from the served config."""
-    from test_serving_models import load_model_py
-
-    return load_model_py(repo / MODEL, client.get_model_config(MODEL, as_json=True)["config"])
-
-
 def test_classification_matches_in_process_and_fp32_ort(client, serving_repository, contract):
     import onnxruntime as ort
+
+    from morphocam.engines import EngineSettings, make_runner
 
     frames, names = real_frames(contract, 8)
     res = infer(client, frames)
@@ -94,11 +91,14 @@ def test_classification_matches_in_process_and_fp32_ort(client, serving_reposito
     assert probs.shape == (len(frames), contract.num_classes) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
-    model = _in_process_engine(client, serving_repository)
-    ref = dict(zip([name for name, _ in model.outputs], model._runner(frames)))
-    ref_logits, ref_probs = ref["LOGITS"], ref["PROBABILITIES"]
+    # the in-process engine the benchmarks call the ceiling: the engine factory's ONNX Runtime session
+    # (graph optimisation ALL) with the served intra-op thread count
+    cfg = client.get_model_config(MODEL, as_json=True)["config"]
+    settings = EngineSettings(threads=int(cfg["parameters"]["intra_op_thread_count"]["string_value"]))
+    ref_logits, ref_probs = make_runner(serving_repository / MODEL / "1" / "model.onnx", settings,
+                                        outputs=["LOGITS", "PROBABILITIES"])(frames)
     dp = float(np.abs(probs - ref_probs).max())
-    print(f"server vs in-process {model._runner.settings.describe()}: max |dprob| = {dp:.2e}")
+    print(f"server (Triton ONNX Runtime backend) vs in-process {settings.describe()}: max |dprob| = {dp:.2e}")
     assert dp <= 1e-5
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
 
@@ -314,11 +314,13 @@ def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp
         busy.start()
     assert busy.process is None
 
-    # A small server (classifier only) starts, runs, stops with no child processes or shm left.
+    # A small server (classifier only, on its Python-backend config: stubs and shm to clean up) starts,
+    # runs, stops with no child processes or shm left.
     repo = tmp_path / "repo"
     repo.mkdir()
     os.symlink(serving_repository / MODEL, repo / MODEL)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120) as srv:
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=120,
+                      classifier_engine="python-ort") as srv:
         pid = srv.pid
         stubs = _descendants(pid)
         assert stubs, "the Python backend should run a stub process"

@@ -86,13 +86,16 @@ def load_model_py(model_dir: Path, config: dict, version: str = "1", **args):
 
 
 def served_config(model_dir: Path, **parameters: str) -> dict:
-    """``config.pbtxt`` as the JSON dict Triton hands to ``initialize`` (proto field names, int64 as
-    strings), with ``parameters`` overridden."""
+    """The Python-backend config of the folder (``configs/python-ort.pbtxt`` where the classifier's
+    ``config.pbtxt`` is Triton's ONNX Runtime backend, else ``config.pbtxt``) as the JSON dict Triton hands
+    to ``initialize`` (proto field names, int64 as strings), with ``parameters`` overridden."""
     from google.protobuf import json_format
 
-    from morphocam.export.pbtxt import parse
+    from morphocam.export.pbtxt import CONFIGS_DIR, parse
 
-    config = json_format.MessageToDict(parse(Path(model_dir) / "config.pbtxt"), preserving_proto_field_name=True)
+    python_cfg = Path(model_dir) / CONFIGS_DIR / "python-ort.pbtxt"
+    source = python_cfg if python_cfg.is_file() else Path(model_dir) / "config.pbtxt"
+    config = json_format.MessageToDict(parse(source), preserving_proto_field_name=True)
     for key, value in parameters.items():
         config.setdefault("parameters", {})[key] = {"string_value": str(value)}
     return config

@@ -20,9 +20,26 @@ from morphocam.engines import affinity_cores
 from .procfs import tree_cpu_seconds
 
 
-def _stats(client, model: str) -> tuple[int, int]:
+STAT_PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def _stats(client, model: str) -> dict:
+    """Triton's cumulative statistics of ``model``: inferences, executions, and per phase the summed
+    nanoseconds over requests (``<phase>_ns``) with the count of successful requests."""
     s = client.get_inference_statistics(model_name=model, as_json=True)["model_stats"][0]
-    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+    st = s.get("inference_stats", {})
+    return {"inferences": int(s.get("inference_count", 0)), "executions": int(s.get("execution_count", 0)),
+            "requests": int(st.get("success", {}).get("count", 0)),
+            **{f"{k}_ns": int(st.get(k, {}).get("ns", 0)) for k in STAT_PHASES}}
+
+
+def server_time_split(before: dict, after: dict) -> dict:
+    """Mean milliseconds a request spent in the server, split by phase (where the time goes: waiting
+    in the batcher queue vs computing), over the requests between the two snapshots."""
+    n = after["requests"] - before["requests"]
+    if n <= 0:
+        return {}
+    return {f"server_{k}_ms": (after[f"{k}_ns"] - before[f"{k}_ns"]) / n / 1e6 for k in STAT_PHASES}
 
 
 def wait_idle(url: str, model: str, timeout: float = 30.0) -> None:
@@ -119,7 +136,7 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
         shm.destroy_shared_memory_region(region)
     client.close()
     ms = np.array(lat) * 1e3
-    inf, exe = after[0] - before[0], after[1] - before[1]
+    inf, exe = after["inferences"] - before["inferences"], after["executions"] - before["executions"]
     return {"transport": transport, "concurrency": concurrency, "frames_per_request": per_request,
             "requests": len(lat),
             "errors": len(errors), "first_error": errors[0] if errors else None,
@@ -129,7 +146,8 @@ def served(url: str, model: str, frames: np.ndarray, concurrency: int, per_reque
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
             "avg_server_batch": inf / exe if exe else None,
             "requests_over_400ms": int((ms > 400).sum()),
-            "client_cpu_share": client_share, "server_cpu_share": server_share}
+            "client_cpu_share": client_share, "server_cpu_share": server_share,
+            **server_time_split(before, after)}
 
 
 def explain_latency(url: str, model: str, frames: np.ndarray, batches=(1, 8), repeats: int = 5) -> dict:
@@ -185,5 +203,7 @@ def fmt(row: dict) -> str:
     batch = row.get("avg_server_batch")
     return (f"{row['images_per_s']:7.1f} img/s p50 {row['p50_ms'] or 0:.1f} p99 {row['p99_ms'] or 0:.1f} ms"
             + (f", server batch {batch:.1f}" if batch else "")
+            + (f", in server: queue {row['server_queue_ms']:.1f} + compute {row['server_compute_infer_ms']:.1f} ms"
+               if "server_queue_ms" in row else "")
             + f", ratio {row['ratio_to_ceiling']:.2f} ({row['ratio_to_ceiling_cpu_left']:.2f} of the CPU the client "
             f"left, client {100 * row['client_cpu_share']:.0f}% of the machine), errors {row['errors']}")

@@ -3,7 +3,7 @@
     morphocam-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
                     [--metrics-port 8002] [--log-verbose 0] [--startup-timeout 300]
                     [--classifier-engine native|python-ort|openvino] [--backend-sources DIR]
-    morphocam-serve --build-backend [--backend-sources DIR]
+    morphocam-serve --build-backend true [--backend-sources DIR]
 
 The classifiers run on Triton's own ONNX Runtime backend, compiled from Triton's sources on first use
 and cached per ONNX Runtime version (``serving/backend_build.py``); where it cannot be built, they fall
@@ -50,7 +50,8 @@ class ServeConfig:
                                                                   "TLS (with --grpc-ssl-key)"})
     grpc_ssl_key: Optional[Path] = field(default=None, metadata={"help": "PEM private key of --grpc-ssl-cert"})
     allow_failed_models: bool = field(default=False, metadata={"help": "keep serving the models that loaded when "
-                                                                "others fail (Triton --exit-on-error=false)"})
+                                                                "others fail (Triton --exit-on-error=false); a model "
+                                                                "whose file fails its .sha256 sidecar is left out"})
     classifier_engine: str = field(default=NATIVE_ENGINE, metadata={
         "help": f"how the classifiers run: {' | '.join(CLASSIFIER_ENGINES)} (native = Triton's ONNX Runtime "
                 "backend, built on first use; the others = the Python-backend configs/<engine>.pbtxt)",

@@ -102,6 +102,9 @@ def test_serving_benchmark_smoke(serving_repository, repo_root, tmp_path):
         assert row["errors"] == 0 and row["requests"] > 0 and row["avg_server_batch"] >= 1
         assert 0 < row["server_cpu_share"] and 0 < row["client_cpu_share"]
         assert row["ratio_to_ceiling_cpu_left"] >= row["ratio_to_ceiling"]
+        # where the server time goes: queue and compute are parts of the request's time in the server
+        assert 0 < row["server_compute_infer_ms"] <= row["server_success_ms"]
+        assert 0 <= row["server_queue_ms"] <= row["server_success_ms"]
     stream = result["streaming_client"]
     assert stream["records"] == stream["frames"] == 40 and stream["errors"] == 0
     assert (tmp_path / "serving.json").is_file() and (tmp_path / "serving.png").is_file()

@@ -218,7 +218,8 @@ def test_committed_explain_folder_is_what_the_exporter_writes(serving_repository
     fresh, committed = serving_repository / name, COMMITTED / name
     if (fresh / "1" / "model.safetensors").read_bytes() != (committed / "1" / "model.safetensors").read_bytes():
         pytest.skip("the released HuSHem checkpoint is not the one committed in model_repository/")
-    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    # bytecode the stubs (or in-process imports) wrote next to either copy is not part of the folder
+    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert files == sorted(p.relative_to(committed) for p in committed.rglob("*")
                            if p.is_file() and "__pycache__" not in p.parts)
     for rel in files:

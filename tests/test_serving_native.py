@@ -88,6 +88,19 @@ def test_unbuildable_backend_falls_back_to_the_python_backend(serving_repository
     np.testing.assert_allclose(probs, _ort_reference(serving_repository / MODEL, frames), atol=1e-5)
 
 
+def test_failed_rebuild_reports_why_and_keeps_the_cached_backend(triton_server, tmp_path, capsys):
+    from morphocam.serving.cli import main
+
+    folder = backend_build.ensure_backend(default_cache_root(), TritonInstall.find().tritonserver_lib)
+    built = (folder / backend_build.BACKEND_LIB).stat().st_mtime_ns
+    empty = tmp_path / "sources"
+    for r in backend_build.TRITON_REPOS:
+        (empty / "triton" / r).mkdir(parents=True)
+    assert main(["--build-backend", "true", "--backend-sources", str(empty)]) == 1
+    assert "onnxruntime_c_api.h is missing" in capsys.readouterr().err
+    assert backend_build.is_built(folder) and (folder / backend_build.BACKEND_LIB).stat().st_mtime_ns == built
+
+
 # ------------------------------------------------------------------ engine choice: same folder, other config
 def test_python_engine_choice_serves_the_same_numbers(client, serving_repository, contract, tmp_path):
     frames, _ = real_frames(contract, 6)
@@ -177,6 +190,9 @@ def test_tampered_native_graph_refused_before_the_server_starts(serving_reposito
     data[len(data) // 3] ^= 0x01  # one bit in the weights: the graph still loads, the numbers change
     onnx_file.write_bytes(bytes(data))
     srv = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0)
-    with pytest.raises(ServerStartError, match=f"{MODEL}: 1/model.onnx sha256 .* does not match"):
-        srv.start()
-    assert srv.process is None  # refused before tritonserver ran
+    try:
+        with pytest.raises(ServerStartError, match=f"{MODEL}: 1/model.onnx sha256 .* does not match"):
+            srv.start()
+        assert srv.process is None  # refused before tritonserver ran
+    finally:
+        srv.stop()

@@ -43,14 +43,20 @@ class TritonServer:
                  extra_args: tuple[str, ...] = (), cache_root: Path | None = None,
                  grpc_ssl_cert: Path | str | None = None, grpc_ssl_key: Path | str | None = None,
                  require_all_models: bool = True, stub_python: Path | str | None = None,
-                 cwd: Path | str | None = None):
+                 cwd: Path | str | None = None, model_control: str = "explicit"):
         """``grpc_ssl_cert``/``grpc_ssl_key`` (PEM files, both or neither) turn on TLS for gRPC (HTTP and
         metrics stay plaintext: keep them on loopback). ``require_all_models=False`` lets the server come
         up when some models fail to load (``--exit-on-error=false``): readiness then waits until every
         model has a final state and at least one is READY; the failures are in :attr:`failed_models`.
         ``stub_python`` is the ``python3`` of the environment the Python-backend stubs run in (same minor
         version as this one; default: this interpreter's), ``cwd`` the server's working directory, which
-        the stubs put on ``sys.path`` (default: ours)."""
+        the stubs put on ``sys.path`` (default: ours). ``model_control="explicit"`` (the default) loads every
+        model at start (``--load-model=*``) and lets the repository API load and unload them, which is how
+        :mod:`.supervisor` brings back a model whose stub died; ``"none"`` is Triton's own default (the
+        repository API refuses)."""
+        if model_control not in ("explicit", "none"):
+            raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
+        self.model_control = model_control
         if (grpc_ssl_cert is None) != (grpc_ssl_key is None):
             raise ValueError("give both grpc_ssl_cert and grpc_ssl_key (PEM files) for gRPC TLS, or neither")
         self.grpc_ssl_cert = Path(grpc_ssl_cert).resolve() if grpc_ssl_cert else None
@@ -109,7 +115,10 @@ class TritonServer:
             "--backend-config=python,shm-default-byte-size=33554432",
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--exit-timeout-secs={max(int(self.stop_grace) - 2, 1)}",
+            f"--model-control-mode={self.model_control}",
         ]
+        if self.model_control == "explicit":
+            args.append("--load-model=*")
         if self.grpc_ssl_cert:
             args += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.grpc_ssl_cert}",
                      f"--grpc-server-key={self.grpc_ssl_key}"]

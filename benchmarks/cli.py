@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                              "ECE before/after temperature scaling for a checkpoint"),
     "explanations": Benchmark("explanations", "ExplanationsConfig", "run_all",
                               "Grad-CAM++ faithfulness (deletion test) and cost per explanation"),
+    "recovery": Benchmark("recovery", "RecoveryConfig", "run",
+                          "time to recover from a killed stub or server under the supervisor, frames lost"),
     "soak": Benchmark("soak", "SoakConfig", "run",
                       "bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99"),
 }

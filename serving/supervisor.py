@@ -135,7 +135,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff: dict[str, Backoff] = {}
-        self._stubs: dict[tuple[str, str], int] = {}  # (model, instance) -> pid of its running stub
+        self._stubs: dict[tuple[str, str], processes.Stub] = {}  # (model, instance) -> its running stub
         self._unhealthy_since: dict[str, tuple[float, str]] = {}  # model -> (first seen, cause)
         self._restart = Backoff(self.opt.restart_backoff_s, self.opt.restart_backoff_max_s)
         self._not_live_since: float | None = None
@@ -282,26 +282,41 @@ class Supervisor:
             return
 
     # ---------------------------------------------------------------- the models
+    def _newest_stubs(self) -> dict[tuple[str, str], processes.Stub]:
+        """The newest running stub of each (model, instance). The short-lived stub the Python backend
+        starts per model to complete its config (instance name = model name) is not an instance."""
+        newest: dict[tuple[str, str], processes.Stub] = {}
+        for stub in processes.python_stubs(self.server.pid):  # newest first
+            if stub.instance != stub.model:
+                newest.setdefault((stub.model, stub.instance), stub)
+        return newest
+
     def _snapshot_stubs(self, models: set[str] | None = None) -> None:
         """Remember the newest running stub of each instance (of ``models``, default all)."""
         if self.server.pid is None:
             return
         for key in [k for k in self._stubs if models is None or k[0] in models]:
             del self._stubs[key]
-        for stub in processes.python_stubs(self.server.pid):  # newest first
-            if models is None or stub.model in models:
-                self._stubs.setdefault((stub.model, stub.instance), stub.pid)
+        for key, stub in self._newest_stubs().items():
+            if models is None or key[0] in models:
+                self._stubs[key] = stub
 
     def _dead_stubs(self) -> dict[str, list[str]]:
-        """Model -> instances whose remembered stub is gone with no newer one in its place."""
-        running = {(s.model, s.instance): s.pid for s in processes.python_stubs(self.server.pid)}
+        """Model -> instances whose remembered stub is gone with no newer one in its place.
+
+        While a model reloads, the old copy's stubs run beside the new ones for a few seconds; a stub
+        that started after the remembered one replaces it (a reload, ours or an operator's), an older
+        one never does, so a killed stub is noticed even while its predecessor is still exiting.
+        """
+        newest = self._newest_stubs()
+        alive = {s.pid for s in processes.python_stubs(self.server.pid)}
         dead: dict[str, list[str]] = {}
-        for (model, instance), pid in list(self._stubs.items()):
-            now_pid = running.get((model, instance))
-            if now_pid is None:
-                dead.setdefault(model, []).append(f"{instance} (pid {pid})")
-            elif now_pid != pid:
-                self._stubs[(model, instance)] = now_pid  # reloaded by someone else: follow it
+        for key, known in list(self._stubs.items()):
+            latest = newest.get(key)
+            if latest is not None and latest.started > known.started:
+                self._stubs[key] = latest  # reloaded: follow the new stub
+            elif known.pid not in alive:
+                dead.setdefault(key[0], []).append(f"{key[1]} (pid {known.pid})")
         return dead
 
     def _check_models(self) -> None:

@@ -291,15 +291,28 @@ class Supervisor:
                 newest.setdefault((stub.model, stub.instance), stub)
         return newest
 
+    def _configured_instances(self, model: str) -> list[str]:
+        """The instance names a Python-backend model should have running (none for other backends)."""
+        status, body = self.server.health.request("GET", f"/v2/models/{model}/config")
+        config = json.loads(body) if status == 200 else {}
+        if config.get("backend") != "python":
+            return []
+        return [f"{group['name']}_{i}" for group in config.get("instance_group", [])
+                for i in range(int(group.get("count", 1)))]
+
     def _snapshot_stubs(self, models: set[str] | None = None) -> None:
-        """Remember the newest running stub of each instance (of ``models``, default all)."""
+        """Remember the newest running stub of each instance (of ``models``, default all). A configured
+        instance with no stub running at all is remembered as a dead one (pid -1): a stub that dies
+        during a reload is noticed too."""
         if self.server.pid is None:
             return
         for key in [k for k in self._stubs if models is None or k[0] in models]:
             del self._stubs[key]
-        for key, stub in self._newest_stubs().items():
-            if models is None or key[0] in models:
-                self._stubs[key] = stub
+        newest = self._newest_stubs()
+        names = models if models is not None else {m["name"] for m in self.server.models()}
+        for model in names:
+            for instance in self._configured_instances(model):
+                self._stubs[(model, instance)] = newest.get((model, instance), processes.Stub(model, instance, -1, 0.0))
 
     def _dead_stubs(self) -> dict[str, list[str]]:
         """Model -> instances whose remembered stub is gone with no newer one in its place.

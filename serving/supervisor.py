@@ -220,7 +220,7 @@ class Supervisor:
         self._not_live_since = self._not_live_since or now
         return now - self._not_live_since > self.opt.hang_timeout_s
 
-    def _keep_log(self, code) -> Path | None:
+    def _keep_log(self, code, what: str = "exited unexpectedly") -> Path | None:
         """Rename the dead server's log so the next start writes a fresh one; print its tail."""
         self._exits += 1
         log = self.server.log_path
@@ -231,7 +231,7 @@ class Supervisor:
             log.rename(kept)
         except OSError:
             kept = None
-        self._say(f"supervisor: tritonserver exited unexpectedly (code {code}); log kept at {kept or log}; "
+        self._say(f"supervisor: tritonserver {what} (code {code}); log kept at {kept or log}; "
                   f"last lines:\n{tail}")
         return kept
 
@@ -244,9 +244,9 @@ class Supervisor:
             processes.kill_tree(proc.pid)
             proc.wait(timeout=30)
         code = proc.returncode if proc is not None else None
+        kept = self._keep_log(code)  # first: stop() deletes a log of its own after a clean exit
         self.server.stop()  # reaps it, kills orphaned stubs, removes its shared memory
         self.metrics.server_exits.labels(code=str(code)).inc()
-        kept = self._keep_log(code)
         self._event("server_exit", code=code, log=str(kept) if kept else None)
         # Degraded beats down: a model that broke meanwhile must not keep the others from serving.
         self.server.require_all_models = False
@@ -263,7 +263,7 @@ class Supervisor:
                 wait = self._restart.failed(time.monotonic())
                 self.metrics.server_restarts.labels(outcome="failed").inc()
                 self._event("server_restart", ok=False, error=str(exc)[:2000])
-                failed_log = self._keep_log("start-failed")
+                failed_log = self._keep_log("start-failed", "did not come back")
                 self._say(f"supervisor: restart failed ({str(exc).splitlines()[0]}); next try in {wait:.1f} s"
                           f" (log {failed_log})")
                 continue

@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                        "calibration, conformal coverage, OOD AUROC (other dataset, blank/noise, corruptions), cost"),
     "explanations": Benchmark("explanations", "ExplanationsConfig", "run_all",
                               "Grad-CAM++ faithfulness (deletion test) and cost per explanation"),
+    "recovery": Benchmark("recovery", "RecoveryConfig", "run",
+                          "time to recover from a killed stub or server under the supervisor, frames lost"),
     "soak": Benchmark("soak", "SoakConfig", "run",
                       "bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99"),
 }

@@ -6,6 +6,8 @@
   :mod:`.ports` (free ports, the in-use check), :mod:`.processes` (the stub process tree, via psutil),
   :mod:`.shm` (the Python backend's ``/dev/shm`` segments), :mod:`.health` (liveness, readiness and
   the model index over HTTP) and :mod:`.errors`.
+- :mod:`morphocam.serving.supervisor`: keeps a started server serving (reloads a model whose stub died or
+  that is not ready, restarts a dead server on the same ports, Prometheus counters of both).
 - :mod:`morphocam.serving.cli` is ``morphocam-serve``.
 - ``serving/triton_models/``: the code that runs inside Triton, standalone (no ``morphocam`` imports);
   the exporter copies it into each model's version folder (classifier ``model.py``; explainer ``model.py``

@@ -1,7 +1,8 @@
 """``morphocam-serve``: the real Triton server on ``model_repository/``, loopback by default.
 
     morphocam-serve [--model-repository DIR] [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000]
-                    [--metrics-port 8002] [--log-verbose 0] [--startup-timeout 300]
+                    [--metrics-port 8002] [--log-verbose 0] [--startup-timeout 300] [--log-dir DIR]
+                    [--supervisor-metrics-port 8003] [--no-supervise]
                     [--classifier-engine native|python-ort|openvino] [--backend-sources DIR]
     morphocam-serve --build-backend true [--backend-sources DIR]
 
@@ -9,8 +10,11 @@ The classifiers run on Triton's own ONNX Runtime backend, compiled from Triton's
 and cached per ONNX Runtime version (``serving/backend_build.py``); where it cannot be built, they fall
 back to their Python-backend configs with a warning.
 
-Waits until the server and every model (warm-up included) are ready, prints the endpoints, and on
-SIGINT/SIGTERM stops the server cleanly (no stub processes or /dev/shm segments left behind).
+Waits until the server and every model (warm-up included) are ready, prints the endpoints, then
+supervises it (:mod:`.supervisor`: a model whose stub died is reloaded, a dead server is restarted
+on the same ports, each counted in the supervisor's Prometheus metrics), and on SIGINT/SIGTERM stops
+the server cleanly (no stub processes or /dev/shm segments left behind). The server's logs, including
+those of servers that died, stay in ``--log-dir``.
 
 A repository exported for the GPU target runs on NGC's container, e.g.
 ``docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository_gpu:/models
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +37,13 @@ from morphocam.config import parse_config
 from morphocam.contract import CLASSIFIER_ENGINES, NATIVE_ENGINE
 
 from .launcher import LOOPBACK_HOSTS, ServerStartError, TritonServer
+from .supervisor import Supervisor, SupervisorOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(SupervisorOptions):
     model_repository: Path = field(default=PROJECT_ROOT / "model_repository",
                                    metadata={"help": "Triton model repository (written by morphocam-export)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind gRPC, HTTP and metrics to"})
@@ -62,6 +68,8 @@ class ServeConfig:
                 "else clone the tagged repositories"})
     build_backend: bool = field(default=False, metadata={
         "help": "only build (or rebuild) Triton's ONNX Runtime backend into the cache, print its folder and exit"})
+    log_dir: Optional[Path] = field(default=None, metadata={"help": "folder for tritonserver.log and the kept logs "
+                                                            "of servers that died (default: a new temp folder)"})
 
 
 def exposure_warning(host: str, tls: bool) -> str | None:
@@ -119,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix="morphocam-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     server = TritonServer(repo, host=cfg.host, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
                           metrics_port=cfg.metrics_port, log_verbose=cfg.log_verbose,
                           startup_timeout=cfg.startup_timeout, grpc_ssl_cert=cfg.grpc_ssl_cert,
                           grpc_ssl_key=cfg.grpc_ssl_key, require_all_models=not cfg.allow_failed_models,
-                          classifier_engine=cfg.classifier_engine, backend_sources=cfg.backend_sources)
+                          classifier_engine=cfg.classifier_engine, backend_sources=cfg.backend_sources,
+                          log_file=log_dir / "tritonserver.log")
     print(f"starting tritonserver on {repo} (log: {server.log_path}) ...", flush=True)
     try:
         server.start()
@@ -140,7 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: model {name} failed to load and is not served: {reason}", file=sys.stderr, flush=True)
         print(f"  gRPC    {server.grpc_url}{' (TLS)' if cfg.grpc_ssl_cert else ''}\n  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}",
               flush=True)
-        print("press Ctrl-C to stop", flush=True)
+        if cfg.supervise:
+            supervisor = Supervisor(server, cfg)
+            try:
+                supervisor.serve_metrics()
+            except OSError as exc:
+                print(f"error: cannot serve the supervisor's metrics on {cfg.host}:{cfg.supervisor_metrics_port}: "
+                      f"{exc} (choose another --supervisor-metrics-port, or -1 for none)", file=sys.stderr)
+                return 2
+            if supervisor.metrics_url:
+                print(f"  supervisor metrics {supervisor.metrics_url}", flush=True)
+            print("supervising (reloads dead models, restarts a dead server); press Ctrl-C to stop", flush=True)
+            try:
+                supervisor.run(stop)  # main thread: a restarted server still dies with us
+            finally:
+                supervisor.metrics.close()
+        else:
+            print("press Ctrl-C to stop", flush=True)
         while not stop.is_set():
             if server.process is not None and server.process.poll() is not None:
                 print(f"error: tritonserver exited unexpectedly (code {server.process.returncode}); "

@@ -49,14 +49,18 @@ class TritonServer:
                  grpc_ssl_cert: Path | str | None = None, grpc_ssl_key: Path | str | None = None,
                  require_all_models: bool = True, stub_python: Path | str | None = None,
                  cwd: Path | str | None = None, classifier_engine: str = NATIVE_ENGINE,
-                 backend_sources: Path | str | None = None, fallback: bool = True):
+                 backend_sources: Path | str | None = None, fallback: bool = True,
+                 model_control: str = "explicit"):
         """``grpc_ssl_cert``/``grpc_ssl_key`` (PEM files, both or neither) turn on TLS for gRPC (HTTP and
         metrics stay plaintext: keep them on loopback). ``require_all_models=False`` lets the server come
         up when some models fail to load (``--exit-on-error=false``): readiness then waits until every
         model has a final state and at least one is READY; the failures are in :attr:`failed_models`.
         ``stub_python`` is the ``python3`` of the environment the Python-backend stubs run in (same minor
         version as this one; default: this interpreter's), ``cwd`` the server's working directory, which
-        the stubs put on ``sys.path`` (default: ours).
+        the stubs put on ``sys.path`` (default: ours). ``model_control="explicit"`` (the default) loads every
+        model at start (``--load-model=*``) and lets the repository API load and unload them, which is how
+        :mod:`.supervisor` brings back a model whose stub died; ``"none"`` is Triton's own default (the
+        repository API refuses).
 
         ``classifier_engine``: ``native`` serves each model's ``config.pbtxt`` (Triton's ONNX Runtime
         backend for the classifiers, built on first use and cached: :mod:`.backend_build`, from
@@ -67,6 +71,9 @@ class TritonServer:
         or with ``require_all_models=False`` leaves that model out (reason in :attr:`failed_models`)."""
         if classifier_engine not in CLASSIFIER_ENGINES:
             raise ValueError(f"classifier_engine must be one of {CLASSIFIER_ENGINES}, got {classifier_engine!r}")
+        if model_control not in ("explicit", "none"):
+            raise ValueError(f"model_control must be 'explicit' or 'none', got {model_control!r}")
+        self.model_control = model_control
         if (grpc_ssl_cert is None) != (grpc_ssl_key is None):
             raise ValueError("give both grpc_ssl_cert and grpc_ssl_key (PEM files) for gRPC TLS, or neither")
         self.grpc_ssl_cert = Path(grpc_ssl_cert).resolve() if grpc_ssl_cert else None
@@ -132,10 +139,13 @@ class TritonServer:
             "--backend-config=python,shm-default-byte-size=33554432",
             "--backend-config=python,shm-growth-byte-size=16777216",
             f"--exit-timeout-secs={max(int(self.stop_grace) - 2, 1)}",
+            f"--model-control-mode={self.model_control}",
         ]
         if self.classifier_engine != NATIVE_ENGINE:
             # configs/<engine>.pbtxt where a model has one (the classifiers), config.pbtxt elsewhere
             args.append(f"--model-config-name={self.classifier_engine}")
+        if self.model_control == "explicit":
+            args.append("--load-model=*")
         if self.grpc_ssl_cert:
             args += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.grpc_ssl_cert}",
                      f"--grpc-server-key={self.grpc_ssl_key}"]

@@ -1,6 +1,7 @@
 """The server's process tree: find the Python-backend stubs it forked, and make sure none outlive it.
 
-``tritonserver`` forks one ``triton_python_backend_stub`` per model instance. They normally exit with
+``tritonserver`` forks one ``triton_python_backend_stub`` per model instance (:func:`python_stubs` lists
+them, for a supervisor that must notice one dying). They normally exit with
 the server; after a SIGKILL or a crash they can be orphaned, so :func:`kill_tree` kills whatever is
 left of the tree (walked with psutil) and the server's process group.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import psutil
@@ -29,6 +32,43 @@ def command_line(pid: int) -> list[str]:
         return psutil.Process(pid).cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return []
+
+
+STUB_BINARY = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One running Python-backend stub: the model (its repository folder name), the instance, its pid."""
+
+    model: str
+    instance: str
+    pid: int
+    started: float
+
+
+def python_stubs(server_pid: int) -> list[Stub]:
+    """The running stubs under ``server_pid``, newest first.
+
+    The stub's argv is ``<stub> <repo>/<model>/<version>/model.py <shm prefix> ... <instance name> ...``;
+    the model is read from the path (Triton requires the folder name to equal the model name), not from
+    the instance name, whose ``<model>_<group>_<n>`` form is ambiguous for models named ``x`` and
+    ``x_explain``. A stub killed by a signal stays a zombie until the server reaps it: zombies are left
+    out, so a dead stub is one that is missing here.
+    """
+    found: list[Stub] = []
+    for pid in descendants(server_pid):
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                continue
+            argv = proc.cmdline()
+            if len(argv) < 9 or not argv[0].endswith(STUB_BINARY):
+                continue
+            found.append(Stub(Path(argv[1]).parts[-3], argv[8], pid, proc.create_time()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, IndexError):
+            continue  # gone between the walk and the look: the next walk sees what replaced it
+    return sorted(found, key=lambda s: -s.started)
 
 
 def kill_tree(group_leader: int, also: Iterable[int] = ()) -> None:

@@ -114,7 +114,12 @@ def test_classifier_stub_sigkilled_mid_stream(supervised):
 
     seen = len(supervised.events)
     results = _stream(srv.grpc_url, 2000, [(300, kill), (900, kill)])
-    reloads = [e for e in supervised.events[seen:] if e["kind"] == "model_reload" and e["model"] == MODEL]
+
+    def reloads_of_model():
+        found = [e for e in supervised.events[seen:] if e["kind"] == "model_reload" and e["model"] == MODEL]
+        return found if len(found) >= 2 else None
+
+    reloads = _wait_for(reloads_of_model, RECOVERY_BOUND_S, "two reloads of the classifier")
     assert [e["cause"] for e in reloads] == ["stub_died", "stub_died"] and all(e["ok"] for e in reloads), \
         supervised.said
     for (pid, at), reload in zip(killed, reloads):
@@ -123,6 +128,12 @@ def test_classifier_stub_sigkilled_mid_stream(supervised):
         assert 0 < back < RECOVERY_BOUND_S
     print(f"retried frames: {sum(r['attempts'] > 1 for r in results)}")
     assert not {pid for pid, _ in killed} & {s.pid for s in python_stubs(srv.pid)}
+    # a real reload: every instance runs again, on a stub started after the last kill
+    newest: dict[str, object] = {}
+    for stub in python_stubs(srv.pid):  # newest first
+        if stub.model == MODEL and stub.instance != MODEL:
+            newest.setdefault(stub.instance, stub)
+    assert len(newest) == 2 and all(s.started > killed[-1][1] for s in newest.values()), newest
     assert supervised.metrics.value("morphocam_supervisor_stub_deaths_total", model=MODEL) >= 2
     body = urllib.request.urlopen(supervised.metrics_url, timeout=5).read().decode()
     assert f'morphocam_supervisor_model_reloads_total{{cause="stub_died",model="{MODEL}",outcome="ok"}} 2.0' in body

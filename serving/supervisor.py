@@ -57,8 +57,12 @@ class SupervisorOptions:
                                           "-1: off)", 8003)
 
 
+STABLE_S = 60.0  # a server or model that stays up this long starts its backoff afresh
+
+
 class Backoff:
-    """Exponential backoff for one thing: ``ready()`` says whether to try now; ``failed()`` books a failure."""
+    """Exponential backoff for one thing: ``ready()`` says whether to try now; ``failed()`` books an
+    attempt that did not last (failed, or had to be repeated soon after)."""
 
     def __init__(self, initial: float, cap: float):
         self.initial, self.cap = initial, cap
@@ -135,6 +139,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._backoff: dict[str, Backoff] = {}
+        self._last_reload: dict[str, float] = {}  # model -> when its last reload succeeded
         self._stubs: dict[tuple[str, str], processes.Stub] = {}  # (model, instance) -> its running stub
         self._unhealthy_since: dict[str, tuple[float, str]] = {}  # model -> (first seen, cause)
         self._restart = Backoff(self.opt.restart_backoff_s, self.opt.restart_backoff_max_s)
@@ -213,7 +218,7 @@ class Supervisor:
         if self.server.health.is_live():
             self._not_live_since = None
             self.metrics.server_up.set(1)
-            if self._restart.failures and now - self._up_since > 60:
+            if self._restart.failures and now - self._up_since > STABLE_S:
                 self._restart.reset()  # up for a minute: the next crash starts the backoff afresh
             return False
         self.metrics.server_up.set(0)
@@ -352,6 +357,9 @@ class Supervisor:
             else:
                 self.metrics.model_ready.labels(model=name).set(1)
                 self._unhealthy_since.pop(name, None)
+                backoff = self._model_backoff(name)
+                if backoff.failures and now - self._last_reload.get(name, now) > STABLE_S:
+                    backoff.reset()  # healthy for a minute since its last reload
                 continue
             self.metrics.model_ready.labels(model=name).set(0)
             self._unhealthy_since.setdefault(name, (now, cause))
@@ -390,7 +398,10 @@ class Supervisor:
         backoff = self._model_backoff(model)
         if error is None:
             since = self._unhealthy_since.pop(model, (t0, cause))[0]
-            backoff.reset()
+            # Not a reset: a stub that dies again soon after this reload (OOM at warm-up, a crash on
+            # the first requests) is reloaded ever slower instead of in a loop; a minute healthy resets.
+            backoff.failed(now)
+            self._last_reload[model] = now
             self._snapshot_stubs({model})
             self.metrics.model_reloads.labels(model=model, cause=cause, outcome="ok").inc()
             self.metrics.model_ready.labels(model=model).set(1)

@@ -3,7 +3,8 @@
 Live: a real ``tritonserver`` (explicit model control) on free loopback ports, supervised by
 :class:`morphocam.serving.supervisor.Supervisor` from a thread, and the real streaming client. Faults are
 real signals: SIGKILL to one classifier stub, to the explainer's stub, to the whole server. A model with
-a broken file beside a good one is retried with backoff while the good one serves.
+a broken file beside a good one is retried with backoff while the good one serves. ``morphocam-serve``
+itself restarts a killed server and keeps its log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 pytest.importorskip("tritonclient.grpc")
@@ -117,7 +119,12 @@ def test_classifier_stub_sigkilled_mid_stream(supervised):
 
     seen = len(supervised.events)
     results = _stream(srv.grpc_url, 2000, [(300, kill), (900, kill)])
-    reloads = [e for e in supervised.events[seen:] if e["kind"] == "model_reload" and e["model"] == MODEL]
+
+    def reloads_of_model():
+        found = [e for e in supervised.events[seen:] if e["kind"] == "model_reload" and e["model"] == MODEL]
+        return found if len(found) >= 2 else None
+
+    reloads = _wait_for(reloads_of_model, RECOVERY_BOUND_S, "two reloads of the classifier")
     assert [e["cause"] for e in reloads] == ["stub_died", "stub_died"] and all(e["ok"] for e in reloads), \
         supervised.said
     for (pid, at), reload in zip(killed, reloads):
@@ -126,6 +133,12 @@ def test_classifier_stub_sigkilled_mid_stream(supervised):
         assert 0 < back < RECOVERY_BOUND_S
     print(f"retried frames: {sum(r['attempts'] > 1 for r in results)}")
     assert not {pid for pid, _ in killed} & {s.pid for s in python_stubs(srv.pid)}
+    # a real reload: every instance runs again, on a stub started after the last kill
+    newest: dict[str, object] = {}
+    for stub in python_stubs(srv.pid):  # newest first
+        if stub.model == MODEL and stub.instance != MODEL:
+            newest.setdefault(stub.instance, stub)
+    assert len(newest) == 2 and all(s.started > killed[-1][1] for s in newest.values()), newest
     assert supervised.metrics.value("morphocam_supervisor_stub_deaths_total", model=MODEL) >= 2
     body = urllib.request.urlopen(supervised.metrics_url, timeout=5).read().decode()
     assert f'morphocam_supervisor_model_reloads_total{{cause="stub_died",model="{MODEL}",outcome="ok"}} 2.0' in body
@@ -237,3 +250,48 @@ def test_broken_model_is_retried_with_backoff_while_the_good_one_serves(serving_
             assert _events(sup, "model_reload", model="morphocam_broken", ok=True)
         finally:
             c.close()
+
+
+@pytest.mark.slow
+def test_morphocam_serve_supervises_by_default(serving_repository, tmp_path):
+    """The console script: a SIGKILLed server is restarted by ``morphocam-serve`` itself (main thread),
+    its log kept in ``--log-dir``, the counters on the supervisor's port; SIGTERM still stops cleanly."""
+    import subprocess
+    import sys
+
+    from morphocam.serving.ports import free_port
+    from conftest import REPO_ROOT
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.symlink(serving_repository / MODEL, repo / MODEL)
+    logs = tmp_path / "logs"
+    ports = [free_port() for _ in range(4)]
+    proc = subprocess.Popen([sys.executable, "-m", "morphocam.serving.cli", "--model-repository", str(repo),
+                             "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port",
+                             str(ports[2]), "--supervisor-metrics-port", str(ports[3]), "--log-dir", str(logs)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: any("supervising" in ln for ln in lines), 180, "morphocam-serve to be ready")
+        server_pid = next(c.pid for c in psutil.Process(proc.pid).children() if "tritonserver" in c.name())
+        os.killpg(server_pid, signal.SIGKILL)
+        _wait_for(lambda: any("restarted on the same ports" in ln for ln in lines), RECOVERY_BOUND_S,
+                  "the restart")
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        try:
+            _wait_for(lambda: c.is_model_ready(MODEL), 30, "the model after the restart")
+        finally:
+            c.close()
+        kept = list(logs.glob("tritonserver.*.exit-9.1.log"))
+        assert len(kept) == 1 and (logs / "tritonserver.log").is_file()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ports[3]}/metrics", timeout=5).read().decode()
+        assert 'morphocam_supervisor_server_restarts_total{outcome="ok"} 1.0' in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        reader.join(timeout=5)
+    print("".join(ln for ln in lines if ln.startswith(("supervisor", "ready", "stopped"))))
+    assert code == 0 and any("stopped (tritonserver exit code 0)" in ln for ln in lines)

@@ -19,11 +19,8 @@ SIDECAR = ".sha256"
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    with open(path, "rb") as fh:  # streamed: model files are tens of MB
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def check_sidecar(sidecar: Path) -> str | None:

@@ -182,7 +182,7 @@ def _median(rows: list[dict], key: str):
 
 def run(cfg: RecoveryConfig) -> dict:
     from morphocam.benchmarks.variants import ServingVariant, write_variant
-    from morphocam.export.engines import cpu_name
+    from morphocam.machine import cpu_name
     from morphocam.serving.launcher import TritonServer
     from morphocam.serving.supervisor import Supervisor, SupervisorOptions
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from morphocam.atomic import atomic_write_text
 from morphocam.contract import EXPLAIN_SUFFIX, InputContract
 from morphocam.engines import affinity_cores
-from morphocam.export.engines import cpu_name
+from morphocam.machine import cpu_name
 
 from .inprocess import ceiling, inprocess, load_images
 from .load_generator import add_ratios, explain_latency, fmt, served, streaming_client

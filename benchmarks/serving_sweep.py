@@ -24,7 +24,8 @@ from morphocam import plotting
 from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.engines import EngineSettings, affinity_cores
-from morphocam.export.engines import cpu_name, openvino_bf16_supported
+from morphocam.export.engines import openvino_bf16_supported
+from morphocam.machine import cpu_name
 from morphocam.contract import NATIVE_ENGINE, InputContract
 
 from .procfs import process_table

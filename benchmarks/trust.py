@@ -152,7 +152,8 @@ def _set_stats(out: dict, labels: np.ndarray) -> dict:
 def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
     from morphocam.export import data as D
     from morphocam.export import trust_math as TM
-    from morphocam.export.engines import all_outputs_runner, cpu_name
+    from morphocam.export.engines import all_outputs_runner
+    from morphocam.machine import cpu_name
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.repository import load_verified
     from morphocam.export.trust_fit import fit_trust, pooled_features

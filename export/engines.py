@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from morphocam.contract import OUTPUT_LOGITS, OUTPUT_PROBABILITIES
-from morphocam.machine import cpu_name  # noqa: F401  (re-exported: the exporter and benchmarks use it from here)
 from morphocam.engines import EngineSettings, Runner, make_runner as _factory
 from morphocam.stats import macro_f1
 

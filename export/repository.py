@@ -31,6 +31,7 @@ import numpy as np
 
 from morphocam import engines as engine_factory
 from morphocam.atomic import replace_dir
+from morphocam.machine import cpu_name
 from morphocam.contract import DATASET_CLASSES, EXPLAIN_SUFFIX, INPUT_NAME, InputContract, model_name_for
 
 from .errors import ExportError
@@ -260,7 +261,7 @@ def _cpu_variant(cfg: ExportConfig, name: str, version_dir: Path, root: Path, co
         chosen = res.pop("chosen")
         served = Served(chosen.engine, chosen.precision, chosen.model_file)
         served.card_engines = {**res, "threads": engine_factory.EngineSettings(threads=cfg.bench_threads).resolved_threads(),
-                               "batch": cfg.bench_batch, "images": eval_what, "cpu": E.cpu_name(),
+                               "batch": cfg.bench_batch, "images": eval_what, "cpu": cpu_name(),
                                "released": {"engine": served.engine, "precision": served.precision,
                                             "model_file": served.model_file}}
         log(cfg, f"  released variant: {served.engine} {served.precision} ({served.model_file})")

@@ -48,6 +48,10 @@ class AccuracyConfig:
     folds: int = option("k for the cross-validation of the full model (0 = none)", 5)
     cv_datasets: tuple[str, ...] = option("datasets that also get the k-fold cross-validation (an SMIDS fold "
                                           "costs as much as its whole single-split row)", ("hushem",))
+    members: int = option("k for the cross-validated ensemble of the full model on the single split: k members "
+                          "trained on re-divided train+val, probabilities averaged, scored on the single "
+                          "split's test (0 = none)", 0)
+    member_datasets: tuple[str, ...] = option("datasets that also get the ensemble", ("hushem",))
     arch: str = option("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
     pretrained: str = option("backbone weights for the EfficientNet rows", "lite0")
     input_size: int = option("input side (the paper: 224)", 224)
@@ -64,13 +68,13 @@ class AccuracyConfig:
     limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
 
 
-def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> dict:
+def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None, member: int | None = None) -> dict:
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import train
 
     from morphocam.training.run_state import STATE_FILE
 
-    out = run_dir(cfg, dataset, name, fold)
+    out = run_dir(cfg, dataset, name, fold, member)
     done = out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -88,7 +92,8 @@ def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -
     tcfg = TrainConfig(data_dir=cfg.data_root / dataset, dataset=dataset, output_dir=out, arch=arch,
                        pretrained=pretrained, input_size=cfg.input_size, frozen_epochs=cfg.frozen_epochs,
                        epochs=cfg.epochs, lr_head=cfg.lr_head, lr=lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
-                       fold=fold, folds=max(cfg.folds, 2), threads=cfg.threads, device=cfg.device,
+                       fold=fold, folds=max(cfg.folds, 2), member=member, members=max(cfg.members, 2),
+                       threads=cfg.threads, device=cfg.device,
                        limit_per_class=cfg.limit_per_class, progress=False, **row)
     return train(tcfg)
 
@@ -120,7 +125,9 @@ def _row(result: dict, run_dir: Path | None = None) -> dict:
             "recipe": _recipe(run_dir) if run_dir is not None else {}}
 
 
-def run_dir(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None) -> Path:
+def run_dir(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None, member: int | None = None) -> Path:
+    if member is not None:
+        return cfg.output_dir / dataset / name / f"member{member}"
     return cfg.output_dir / dataset / name / ("single" if fold is None else f"fold{fold}")
 
 
@@ -138,11 +145,34 @@ def summarise_folds(rows: list[dict]) -> dict:
             "macro_f1_ci95": [float(f1.mean() - half(f1)), float(f1.mean() + half(f1))], "per_fold": rows}
 
 
+def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...] | None, seed: int) -> dict:
+    """The ensemble's test metrics from its members' own saved test predictions (probabilities averaged).
+
+    Members share the single split's test images (same order), which is checked, so nothing is re-run.
+    """
+    from morphocam.training.metrics import classification_metrics
+
+    preds = [np.load(d / "test_predictions.npz") for d in run_dirs]
+    labels, paths = preds[0]["labels"], preds[0]["paths"]
+    for d, p in zip(run_dirs, preds):
+        if not (np.array_equal(p["labels"], labels) and np.array_equal(p["paths"], paths)):
+            raise ValueError(f"{d}: its test split differs from {run_dirs[0]}'s; members must share it")
+    probs = np.mean([p["probs"] for p in preds], axis=0)
+    metrics = classification_metrics(labels, probs, classes or tuple(str(i) for i in range(probs.shape[1])),
+                                     seed=seed)
+    members = [float(np.mean(p["probs"].argmax(1) == labels)) for p in preds]
+    return {"members": len(preds), "accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"],
+            "macro_f1": metrics["macro_f1"], "macro_auc_ovr": metrics["macro_auc_ovr"], "n_test": metrics["n"],
+            "per_class_f1": {c: v["f1"] for c, v in metrics["per_class"].items()},
+            "member_accuracy": members, "member_accuracy_mean": float(np.mean(members)),
+            "correct": int(round(metrics["accuracy"] * metrics["n"]))}
+
+
 def run(cfg: AccuracyConfig) -> dict:
     """Run (or resume, or reuse) every cell; ``accuracy.json`` and the plot are rewritten after each
     finished cell, so a stopped benchmark leaves a summary of what has landed."""
     summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
-                     "single_split": {}, "cross_validation": {}}
+                     "single_split": {}, "cross_validation": {}, "ensemble": {}}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     def publish() -> None:
@@ -174,8 +204,26 @@ def run(cfg: AccuracyConfig) -> dict:
                       f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
                       f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}", flush=True)
                 publish()
+        if cfg.members > 1 and dataset in cfg.member_datasets:
+            dirs, rows = [], []
+            for m in range(cfg.members):
+                result = run_config(cfg, dataset, "full", None, m)
+                dirs.append(run_dir(cfg, dataset, "full", None, m))
+                rows.append(_row(result, dirs[-1]))
+                ens = summarise_ensemble(dirs, _classes(dataset), cfg.seed)
+                ens.update(members_planned=cfg.members, per_member=rows, paper_accuracy=PAPER_TABLE["full"][dataset][0])
+                summary["ensemble"][dataset] = ens
+                print(f"{dataset:7s} ensemble {len(dirs)}/{cfg.members} members: acc {ens['accuracy']:.4f} "
+                      f"({ens['correct']}/{ens['n_test']}), members' mean {ens['member_accuracy_mean']:.4f}", flush=True)
+                publish()
     publish()
     return summary
+
+
+def _classes(dataset: str) -> tuple[str, ...] | None:
+    from morphocam.contract import DATASET_CLASSES
+
+    return DATASET_CLASSES.get(dataset)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -203,5 +251,5 @@ def plot(summary: dict, path: Path) -> None:
 
 def smoke_config(tmp: Path, data_root: Path) -> AccuracyConfig:
     """A run small enough for the test suite (it checks the plumbing, not the numbers)."""
-    return replace(AccuracyConfig(), data_root=data_root, output_dir=tmp, configs=("simplecnn",), folds=0,
+    return replace(AccuracyConfig(), data_root=data_root, output_dir=tmp, configs=("simplecnn",), folds=0, members=0,
                    input_size=64, frozen_epochs=0, epochs=1, limit_per_class=8)

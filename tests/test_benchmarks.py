@@ -64,6 +64,24 @@ def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
     assert json.loads((tmp_path / "accuracy.json").read_text())["single_split"]["hushem"]["simplecnn"] == row
 
 
+@pytest.mark.slow
+def test_accuracy_benchmark_ensemble_averages_its_members(tmp_path, hushem_dir):
+    from dataclasses import replace
+
+    cfg = replace(smoke_config(tmp_path, hushem_dir.parent), configs=(), members=2, pretrained="none")
+    ens = run_accuracy(cfg)["ensemble"]["hushem"]
+    preds = [np.load(tmp_path / "hushem" / "full" / f"member{m}" / "test_predictions.npz") for m in range(2)]
+    single = np.load(tmp_path / "hushem" / "full" / "member0" / "test_predictions.npz")
+    # both members were scored on the same images, and the ensemble is their averaged probabilities
+    assert np.array_equal(preds[0]["paths"], preds[1]["paths"])
+    mean = (preds[0]["probs"] + preds[1]["probs"]) / 2
+    assert ens["accuracy"] == pytest.approx(float(np.mean(mean.argmax(1) == single["labels"])))
+    assert ens["member_accuracy"] == [pytest.approx(float(np.mean(p["probs"].argmax(1) == p["labels"]))) for p in preds]
+    splits = [json.loads((tmp_path / "hushem" / "full" / f"member{m}" / "split.json").read_text()) for m in range(2)]
+    assert splits[0]["test"] == splits[1]["test"] and not set(splits[0]["val"]) & set(splits[1]["val"])
+    assert [s["member"] for s in splits] == [0, 1]
+
+
 def test_bench_cli_rejects_unknown_commands(capsys):
     assert bench_main(["nonsense"]) == 2
     assert "unknown command" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from morphocam.training.data import DatasetError, group_ids, kfold_indices, load_images, scan_folder, split_indices
+from morphocam.training.data import (DatasetError, group_ids, kfold_indices, load_images, member_indices, scan_folder,
+                                     split_indices)
 
 
 def _write(path: Path, value: int, size=(20, 20)) -> None:
@@ -75,6 +76,24 @@ def test_kfold_folds_partition_the_data(tiny_dataset):
     assert sum(map(len, tests)) == len(labels)
     with pytest.raises(DatasetError, match="out of range"):
         kfold_indices(labels, groups, 0, folds=3, fold=3)
+
+
+def test_ensemble_members_share_the_single_test_split_and_partition_the_rest(hushem_dir):
+    _, samples = scan_folder(hushem_dir)
+    labels = np.array([s.label for s in samples])
+    groups = np.arange(len(labels))
+    single = split_indices(labels, groups, seed=42)
+    members = [member_indices(labels, groups, 42, members=5, member=m) for m in range(5)]
+    rest = set(single.train) | set(single.val)
+    for m in members:
+        assert list(m.test) == list(single.test)  # scored on the released model's test images, nothing else
+        assert set(m.train) | set(m.val) == rest and not set(m.train) & set(m.val)
+    vals = [set(m.val) for m in members]
+    assert set().union(*vals) == rest and sum(map(len, vals)) == len(rest)  # each image validates once
+    for m in members:  # stratified: every class validates every member
+        assert set(labels[m.val]) == set(labels)
+    with pytest.raises(DatasetError, match="out of range"):
+        member_indices(labels, groups, 42, members=5, member=5)
 
 
 def test_empty_class_folder_is_named(tmp_path):

@@ -34,6 +34,17 @@ def test_macro_auc_perfect_and_chance():
     assert macro_auc(y, probs) == pytest.approx((0.5 + 1 + 1) / 3)
 
 
+def test_macro_auc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    for k in (2, 3, 4):
+        y = rng.integers(0, k, 60)
+        probs = np.round(rng.dirichlet(np.ones(k), 60), 1)  # rounded: many tied scores
+        want = np.mean([roc_auc_score(y == c, probs[:, c]) for c in np.unique(y)])
+        assert macro_auc(y, probs) == pytest.approx(want, abs=1e-12)
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="do not match"):
         classification_metrics(np.array([0, 1]), np.ones((3, 2)) / 2, ("a", "b"))

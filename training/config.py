@@ -46,6 +46,10 @@ class TrainConfig:
     test_frac: float = option("test fraction", 0.15)
     folds: int = option("k for k-fold cross-validation (used when --fold is set)", 5)
     fold: Optional[int] = option("run this fold of a k-fold split instead of the single 70/15/15 split", None)
+    members: int = option("number of ensemble members (used when --member is set)", 5)
+    member: Optional[int] = option("train this member of a cross-validated ensemble on the single split: the "
+                                   "single split's train+val are re-divided into --members folds, this one "
+                                   "validates, the rest train; the test split stays the single split's", None)
     limit_per_class: Optional[int] = option("use at most this many images per class (quick runs)", None)
     keep_conflicting_duplicates: bool = option("keep pixel-identical images that carry different labels", False)
     threads: int = option("torch CPU threads (0 = torch default)", 0)
@@ -64,6 +68,12 @@ class TrainConfig:
             raise ValueError("mixup_alpha >= 0 and 0 <= label_smoothing < 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must be in [0, 1)")
+        if self.fold is not None and self.member is not None:
+            raise ValueError("--fold (cross-validation) and --member (ensemble on the single split) exclude "
+                             "each other")
+        if self.member is not None and not (self.members >= 2 and 0 <= self.member < self.members):
+            raise ValueError(f"--member must be in [0, --members) with --members >= 2 (got {self.member} of "
+                             f"{self.members})")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.data_dir is None:

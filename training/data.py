@@ -179,3 +179,25 @@ def kfold_indices(labels: np.ndarray, groups: np.ndarray, seed: int, folds: int,
     rest, test = gids[rest_idx], gids[test_idx]
     train, val = train_test_split(rest, test_size=val_frac, stratify=glabels[rest_idx], random_state=seed)
     return Split(_expand(groups, train), _expand(groups, val), _expand(groups, test))
+
+
+def member_indices(labels: np.ndarray, groups: np.ndarray, seed: int, members: int, member: int,
+                   val_frac: float = 0.15, test_frac: float = 0.15) -> Split:
+    """Member ``member`` of a ``members``-model ensemble on the single split (a cross-validated ensemble).
+
+    The test split is exactly :func:`split_indices`' (so the ensemble is scored on the same images as a
+    single released model, and touched once); its train + validation groups are re-divided into
+    ``members`` stratified folds, fold ``member`` validates (early stopping) and the others train. Every
+    training/validation image thus trains ``members - 1`` of the members and none sees the test split.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if not 0 <= member < members:
+        raise DatasetError(f"member {member} out of range for {members} members")
+    base = split_indices(labels, groups, seed, val_frac, test_frac)
+    rest = np.concatenate([base.train, base.val])
+    gids, glabels = _group_labels(labels[rest], groups[rest])
+    _check_enough(glabels, members, f"a {members}-member ensemble")
+    skf = StratifiedKFold(n_splits=members, shuffle=True, random_state=seed)
+    train_idx, val_idx = list(skf.split(gids, glabels))[member]
+    return Split(_expand(groups, gids[train_idx]), _expand(groups, gids[val_idx]), base.test)

@@ -26,7 +26,7 @@ from . import metrics as M
 from .augment import mixup, soft_cross_entropy, train_transform
 from .checkpoint import code_version, save_checkpoint
 from .config import TrainConfig
-from .data import ImageFolder, Split, group_ids, kfold_indices, load_images, split_indices
+from .data import ImageFolder, Split, group_ids, kfold_indices, load_images, member_indices, split_indices
 from .model import MorphoNet, build_model
 from .pretrained import load_backbone_weights
 from .run_state import STATE_FILE, RunState, load_state, restore_rng, save_state
@@ -143,6 +143,8 @@ def train_one_epoch(model: MorphoNet, loader, optimizer, scheduler, cfg: TrainCo
 
 def make_split(cfg: TrainConfig, folder: ImageFolder) -> Split:
     labels, groups = folder.labels, group_ids(folder.samples)
+    if cfg.member is not None:
+        return member_indices(labels, groups, cfg.seed, cfg.members, cfg.member, cfg.val_frac, cfg.test_frac)
     if cfg.fold is None:
         return split_indices(labels, groups, cfg.seed, cfg.val_frac, cfg.test_frac)
     return kfold_indices(labels, groups, cfg.seed, cfg.folds, cfg.fold, cfg.val_frac)
@@ -309,6 +311,7 @@ def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split
         "weights": weights,
         "split": split.counts(),
         "fold": cfg.fold,
+        "member": cfg.member,
         "duplicate_groups_merged": folder.merged_groups,
         "dropped_conflicting": folder.dropped_conflicts,
         "best_epoch": run.best_epoch,
@@ -372,6 +375,7 @@ def write_split(path: Path, folder: ImageFolder, split: Split, cfg: TrainConfig)
         return [str(folder.samples[i].path.relative_to(folder.root)) for i in idx]
 
     record = {"seed": cfg.seed, "fold": cfg.fold, "folds": cfg.folds if cfg.fold is not None else None,
+              "member": cfg.member, "members": cfg.members if cfg.member is not None else None,
               "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "counts": split.counts(),
               "train": files(split.train), "val": files(split.val), "test": files(split.test)}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")

@@ -65,10 +65,13 @@ def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
 
 
 @pytest.mark.slow
-def test_accuracy_benchmark_ensemble_averages_its_members(tmp_path, hushem_dir):
+def test_ensemble_members_trained_averaged_and_served_as_one_graph(tmp_path, hushem_dir):
     from dataclasses import replace
 
-    cfg = replace(smoke_config(tmp_path, hushem_dir.parent), configs=(), members=2, pretrained="none")
+    from morphocam.benchmarks.ensemble import EnsembleBenchConfig, run as run_ensemble
+
+    cfg = replace(smoke_config(tmp_path, hushem_dir.parent), configs=(), members=2, arch="simplecnn",
+                  pretrained="none")
     ens = run_accuracy(cfg)["ensemble"]["hushem"]
     preds = [np.load(tmp_path / "hushem" / "full" / f"member{m}" / "test_predictions.npz") for m in range(2)]
     single = np.load(tmp_path / "hushem" / "full" / "member0" / "test_predictions.npz")
@@ -80,6 +83,18 @@ def test_accuracy_benchmark_ensemble_averages_its_members(tmp_path, hushem_dir):
     splits = [json.loads((tmp_path / "hushem" / "full" / f"member{m}" / "split.json").read_text()) for m in range(2)]
     assert splits[0]["test"] == splits[1]["test"] and not set(splits[0]["val"]) & set(splits[1]["val"])
     assert [s["member"] for s in splits] == [0, 1]
+    # the same members in one ONNX graph: its probabilities are the members' averaged, its accuracy
+    # the accuracy benchmark's ensemble row, and it reports what it costs against one member
+    bench = run_ensemble(EnsembleBenchConfig(
+        checkpoints=[tmp_path / "hushem" / "full" / f"member{m}" / "model.safetensors" for m in range(2)],
+        output_dir=tmp_path / "ens", seconds=0.2, batch=2))
+    assert bench["parity_max_abs_prob_diff"] < 1e-5
+    assert bench["accuracy"]["n_test"] == len(single["labels"])
+    assert bench["accuracy"]["ensemble"]["accuracy"] == pytest.approx(ens["accuracy"])
+    assert [m["accuracy"] for m in bench["accuracy"]["members"]] == pytest.approx(ens["member_accuracy"])
+    assert bench["images_per_s"]["single"] > 0 and bench["images_per_s"]["ensemble"] > 0
+    assert bench["bytes"]["ensemble"] > 1.8 * bench["bytes"]["single"]  # both members' weights are in it
+    assert (tmp_path / "ens" / "ensemble_hushem.json").is_file() and (tmp_path / "ens" / "ensemble_hushem.png").is_file()
 
 
 def test_bench_cli_rejects_unknown_commands(capsys):

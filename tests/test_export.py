@@ -552,3 +552,36 @@ def test_int8_accuracy_on_real_test_split(tmp_path, repo_root, hushem_dir):
     cfg = ExportConfig()
     kept, why = int8_decision([m32, m8], cfg.speed_margin, cfg.int8_max_drop)
     assert not kept and "too much accuracy lost" in why, why
+
+
+def test_ensemble_graph_serves_the_members_averaged_probabilities(tmp_path, real_frames):
+    """Members that disagree confidently: the graph must average their probabilities (not their
+    logits), on every frame, at any batch size."""
+    import onnxruntime as ort
+    import torch
+    from PIL import Image
+
+    from morphocam.export.ensemble import EnsembleNet
+    from morphocam.export.onnx_export import export_onnx
+    from morphocam.training.model import build_model
+
+    contract = InputContract(classes=CLASSES, height=64, width=64, dataset="hushem")
+    members = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        net = build_model("simplecnn", len(CLASSES)).eval()
+        with torch.no_grad():
+            net.head.weight.mul_(200.0)  # confident, and different per member
+        members.append(net)
+    frames = np.stack([np.asarray(Image.fromarray(f).resize((64, 64))) for f in real_frames[:6]])
+    x = torch.from_numpy(((frames / 255.0 - np.array(contract.mean)) / np.array(contract.std)).astype(np.float32))
+    x = x.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(m(x), -1) for m in members]).mean(0).numpy()
+    path = tmp_path / "ensemble.onnx"
+    export_onnx(EnsembleNet(members), contract, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs = sess.run([OUTPUT_PROBABILITIES], {INPUT_NAME: frames})[0]
+    single = np.concatenate([sess.run([OUTPUT_PROBABILITIES], {INPUT_NAME: f[None]})[0] for f in frames])
+    assert np.abs(probs - want).max() < 1e-4 and np.abs(single - want).max() < 1e-4
+    assert (probs.max(1) < 0.999).any()  # the members disagree somewhere, so averaging is being tested

@@ -108,7 +108,7 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], pa
         if len(np.unique(y_true == c)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true == c, probs[:, c]):.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {binary_auc(y_true == c, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

@@ -49,8 +49,9 @@ class AccuracyConfig:
     cv_datasets: tuple[str, ...] = option("datasets that also get the k-fold cross-validation (an SMIDS fold "
                                           "costs as much as its whole single-split row)", ("hushem",))
     members: int = option("k for the cross-validated ensemble of the full model on the single split: k members "
-                          "trained on re-divided train+val, probabilities averaged, scored on the single "
-                          "split's test (0 = none)", 0)
+                          "trained on re-divided folds of the single split's training part, probabilities "
+                          "averaged, chosen on its validation part (unseen by all members), scored on its "
+                          "test split (0 = none)", 0)
     member_datasets: tuple[str, ...] = option("datasets that also get the ensemble", ("hushem",))
     arch: str = option("backbone for the EfficientNet rows", "tf_efficientnet_lite0")
     pretrained: str = option("backbone weights for the EfficientNet rows", "lite0")

@@ -4,9 +4,10 @@ The members (by default the accuracy benchmark's cross-validated ensemble on the
 ``results/benchmarks/accuracy/<dataset>/full/member<m>``) are put in one ONNX graph
 (:class:`morphocam.export.ensemble.EnsembleNet`) and measured against member 0 alone, in one run:
 
-- **accuracy** on the test split the members share (each member's re-derived split must hold the
-  same test images, else accuracy is not reported): the graph's accuracy, macro-F1, per-class F1
-  and macro-AUC, beside every member's own;
+- **accuracy** on the validation and test parts of the single split the members were trained in
+  (``--member`` runs: the validation part is unseen by every member, so it is where the ensemble is
+  chosen over a single model; the test part is scored once): the graph's accuracy, macro-F1,
+  per-class F1 and macro-AUC, beside every member's own;
 - **parity**: the graph's probabilities against the members' PyTorch probabilities averaged;
 - **cost**: in-process ONNX Runtime images per second of the single and of the ensemble graph on the
   same frames, their ratio, and the file sizes (what the served model would weigh).
@@ -53,21 +54,29 @@ class EnsembleBenchConfig:
             raise ValueError(f"need at least 2 member checkpoints, found {[str(p) for p in self.checkpoints]}")
 
 
-def shared_test_split(metas: list[dict], data_root: Optional[Path]):
-    """(images, labels) of the test split every member holds out, or None if their test splits differ."""
+def shared_split(metas: list[dict], data_root: Optional[Path]):
+    """The single split around the members: ``{"val": (images, labels), "test": (images, labels)}`` and
+    the classes, or None when the members do not share it (other seeds or fractions, CV folds).
+
+    Members of a cross-validated ensemble (``--member``) never saw its validation part, so the
+    ensemble is compared with a single model there; the test part is scored as a released model's is.
+    """
     from morphocam.export.data import dataset_root
     from morphocam.training.checkpoint import contract_of
     from morphocam.training.trainer import checkpoint_split
 
-    parts = []
+    tests, base = [], None
     for meta in metas:
         _, folder, split = checkpoint_split(meta, dataset_root(meta, data_root, contract_of(meta)))
-        parts.append((folder, split.test))
-    paths = [[str(folder.samples[i].path) for i in test] for folder, test in parts]
-    if any(p != paths[0] for p in paths[1:]):
+        tests.append([str(folder.samples[i].path) for i in split.test])
+        if meta["recipe"].get("member") is None:
+            return None
+    if any(t != tests[0] for t in tests[1:]):
         return None
-    folder, test = parts[0]
-    return folder.images[test], folder.labels[test], folder.classes
+    single = {**metas[0], "recipe": {**metas[0]["recipe"], "member": None}}
+    _, folder, base = checkpoint_split(single, dataset_root(single, data_root, contract_of(single)))
+    return {part: (folder.images[idx], folder.labels[idx]) for part, idx in (("val", base.val), ("test", base.test))}, \
+        folder.classes
 
 
 def run(cfg: EnsembleBenchConfig) -> dict:
@@ -77,7 +86,7 @@ def run(cfg: EnsembleBenchConfig) -> dict:
     from morphocam.training.metrics import classification_metrics
 
     net, metas, contract = load_ensemble(cfg.checkpoints)
-    test = shared_test_split(metas, cfg.data_root)
+    shared = shared_split(metas, cfg.data_root)
     result: dict = {"dataset": contract.dataset, "members": [str(p) for p in cfg.checkpoints], "cpu": cpu_name(),
                     "input_size": contract.height, "batch": cfg.batch, "threads": cfg.threads}
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,21 +96,25 @@ def run(cfg: EnsembleBenchConfig) -> dict:
         result["bytes"] = {k: f.stat().st_size for k, f in files.items()}
         settings = EngineSettings(threads=cfg.threads)
         runners = {k: make_runner(f, settings) for k, f in files.items()}
-        if test is not None:
-            images, labels, classes = test
-            member_probs = [torch_predict(m, images, contract)[1] for m in net.members]
-            probs = runners["ensemble"](images)[1]
-            result["parity_max_abs_prob_diff"] = float(np.max(np.abs(probs - np.mean(member_probs, axis=0))))
-            ens = classification_metrics(labels, probs, classes)
-            result["accuracy"] = {
-                "n_test": ens["n"], "ensemble": _summary(ens),
-                "members": [_summary(classification_metrics(labels, p, classes)) for p in member_probs]}
-            frames = images
+        if shared is not None:
+            parts, classes = shared
+            result["accuracy"] = {}
+            for part, (images, labels) in parts.items():
+                member_probs = [torch_predict(m, images, contract)[1] for m in net.members]
+                probs = runners["ensemble"](images)[1]
+                if part == "test":
+                    result["parity_max_abs_prob_diff"] = float(np.max(np.abs(probs - np.mean(member_probs, axis=0))))
+                ens = classification_metrics(labels, probs, classes)
+                result["accuracy"][part] = {
+                    "n": ens["n"], "ensemble": _summary(ens),
+                    "members": [_summary(classification_metrics(labels, p, classes)) for p in member_probs]}
+            frames = parts["test"][0]
         else:
-            result["accuracy"] = None
-            result["accuracy_note"] = "members hold out different test splits: no image is unseen by all"
             from morphocam.export.parity import synthetic_frames
 
+            result["accuracy"] = None
+            result["accuracy_note"] = ("the members are not one cross-validated ensemble on one single split "
+                                       "(--member runs of one seed): no image is unseen by all of them")
             frames = synthetic_frames(contract)
         frames = np.resize(frames, (max(cfg.batch, 1),) + frames.shape[1:])[: cfg.batch]
         speed = {k: _time_loop(lambda r=r: r(frames), cfg.seconds, cfg.batch) for k, r in runners.items()}
@@ -114,8 +127,8 @@ def run(cfg: EnsembleBenchConfig) -> dict:
     print(f"[ensemble] {len(cfg.checkpoints)} members on {result['cpu']}: "
           f"{speed['single']:.1f} -> {speed['ensemble']:.1f} img/s (cost x{result['cost_ratio']:.2f}), "
           f"{result['bytes']['single'] / 1e6:.1f} -> {result['bytes']['ensemble'] / 1e6:.1f} MB"
-          + (f"; accuracy {result['accuracy']['members'][0]['accuracy']:.4f} (member 0) -> "
-             f"{result['accuracy']['ensemble']['accuracy']:.4f}" if result["accuracy"] else ""), flush=True)
+          + "".join(f"; {part} accuracy {r['members'][0]['accuracy']:.4f} (member 0) -> "
+                    f"{r['ensemble']['accuracy']:.4f}" for part, r in (result["accuracy"] or {}).items()), flush=True)
     return result
 
 
@@ -127,7 +140,7 @@ def _summary(m: dict) -> dict:
 def plot(result: dict, path: Path) -> None:
     fig, (ax_acc, ax_speed) = plotting.subplots(1, 2, figsize=(10, 4))
     if result["accuracy"]:
-        rows = result["accuracy"]["members"] + [result["accuracy"]["ensemble"]]
+        rows = result["accuracy"]["test"]["members"] + [result["accuracy"]["test"]["ensemble"]]
         names = [f"member {i}" for i in range(len(rows) - 1)] + ["ensemble"]
         ax_acc.bar(names, [r["accuracy"] for r in rows], yerr=np.array(
             [[r["accuracy"] - r["accuracy_ci95"][0] for r in rows], [r["accuracy_ci95"][1] - r["accuracy"] for r in rows]]),

@@ -78,16 +78,18 @@ def test_kfold_folds_partition_the_data(tiny_dataset):
         kfold_indices(labels, groups, 0, folds=3, fold=3)
 
 
-def test_ensemble_members_share_the_single_test_split_and_partition_the_rest(hushem_dir):
+def test_ensemble_members_share_the_single_split_and_partition_its_training_part(hushem_dir):
     _, samples = scan_folder(hushem_dir)
     labels = np.array([s.label for s in samples])
     groups = np.arange(len(labels))
     single = split_indices(labels, groups, seed=42)
     members = [member_indices(labels, groups, 42, members=5, member=m) for m in range(5)]
-    rest = set(single.train) | set(single.val)
+    rest = set(single.train)
     for m in members:
         assert list(m.test) == list(single.test)  # scored on the released model's test images, nothing else
         assert set(m.train) | set(m.val) == rest and not set(m.train) & set(m.val)
+        # the single split's validation images stay unseen by every member: the ensemble's own validation
+        assert not (set(m.train) | set(m.val)) & set(single.val)
     vals = [set(m.val) for m in members]
     assert set().union(*vals) == rest and sum(map(len, vals)) == len(rest)  # each image validates once
     for m in members:  # stratified: every class validates every member

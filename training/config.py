@@ -48,8 +48,10 @@ class TrainConfig:
     fold: Optional[int] = option("run this fold of a k-fold split instead of the single 70/15/15 split", None)
     members: int = option("number of ensemble members (used when --member is set)", 5)
     member: Optional[int] = option("train this member of a cross-validated ensemble on the single split: the "
-                                   "single split's train+val are re-divided into --members folds, this one "
-                                   "validates, the rest train; the test split stays the single split's", None)
+                                   "single split's training images are re-divided into --members folds, this "
+                                   "one validates, the rest train; the single split's validation images are "
+                                   "held out from every member (the ensemble's own validation) and its test "
+                                   "split is the ensemble's", None)
     limit_per_class: Optional[int] = option("use at most this many images per class (quick runs)", None)
     keep_conflicting_duplicates: bool = option("keep pixel-identical images that carry different labels", False)
     threads: int = option("torch CPU threads (0 = torch default)", 0)

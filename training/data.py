@@ -185,18 +185,19 @@ def member_indices(labels: np.ndarray, groups: np.ndarray, seed: int, members: i
                    val_frac: float = 0.15, test_frac: float = 0.15) -> Split:
     """Member ``member`` of a ``members``-model ensemble on the single split (a cross-validated ensemble).
 
-    The test split is exactly :func:`split_indices`' (so the ensemble is scored on the same images as a
-    single released model, and touched once); its train + validation groups are re-divided into
-    ``members`` stratified folds, fold ``member`` validates (early stopping) and the others train. Every
-    training/validation image thus trains ``members - 1`` of the members and none sees the test split.
+    The single split (:func:`split_indices`) is kept whole around the ensemble: its test images are
+    scored once, as a single released model's are, and its validation images are held out from every
+    member, so that the ensemble as a whole still has unseen data to be chosen over the single model
+    on and to fit its temperature, OOD threshold and conformal sets on. The single split's training
+    groups are re-divided into ``members`` stratified folds: fold ``member`` validates this member
+    (early stopping), the others train it; each training image thus trains ``members - 1`` members.
     """
     from sklearn.model_selection import StratifiedKFold
 
     if not 0 <= member < members:
         raise DatasetError(f"member {member} out of range for {members} members")
     base = split_indices(labels, groups, seed, val_frac, test_frac)
-    rest = np.concatenate([base.train, base.val])
-    gids, glabels = _group_labels(labels[rest], groups[rest])
+    gids, glabels = _group_labels(labels[base.train], groups[base.train])
     _check_enough(glabels, members, f"a {members}-member ensemble")
     skf = StratifiedKFold(n_splits=members, shuffle=True, random_state=seed)
     train_idx, val_idx = list(skf.split(gids, glabels))[member]

@@ -65,12 +65,12 @@ def shared_split(metas: list[dict], data_root: Optional[Path]):
     from morphocam.training.checkpoint import contract_of
     from morphocam.training.trainer import checkpoint_split
 
-    tests, base = [], None
+    if any(meta.get("recipe", {}).get("member") is None for meta in metas):
+        return None
+    tests = []
     for meta in metas:
         _, folder, split = checkpoint_split(meta, dataset_root(meta, data_root, contract_of(meta)))
         tests.append([str(folder.samples[i].path) for i in split.test])
-        if meta["recipe"].get("member") is None:
-            return None
     if any(t != tests[0] for t in tests[1:]):
         return None
     single = {**metas[0], "recipe": {**metas[0]["recipe"], "member": None}}

@@ -22,7 +22,7 @@ from morphocam.atomic import atomic_write_text
 from morphocam.config import option
 from morphocam.datasets import datasets_root
 
-from .paper import PAPER_AUC, PAPER_TABLE
+from .paper import PAPER_AUC, PAPER_TABLE, PUBLISHED_CV
 
 # The ablation ladder of the paper, each row adding one component.
 ABLATION: dict[str, dict] = {
@@ -199,6 +199,8 @@ def run(cfg: AccuracyConfig) -> dict:
                 rows.append(_row(run_config(cfg, dataset, "full", f), run_dir(cfg, dataset, "full", f)))
                 cv = summarise_folds(rows)
                 cv["folds_planned"] = cfg.folds
+                if dataset in PUBLISHED_CV:
+                    cv["published_cv_accuracy_mean_std"] = list(PUBLISHED_CV[dataset])
                 summary["cross_validation"][dataset] = cv
                 print(f"{dataset:7s} full fold {f}: acc {rows[-1]['accuracy']:.4f}; {len(rows)}/{cfg.folds} folds: "
                       f"acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
@@ -228,22 +230,33 @@ def _classes(dataset: str) -> tuple[str, ...] | None:
 
 
 def plot(summary: dict, path: Path) -> None:
-    datasets = list(summary["single_split"])
+    """Per dataset: each single-split row beside the paper's, then the CV mean and the ensemble (95% CIs)."""
+    datasets = sorted(set(summary["single_split"]) | set(summary["cross_validation"]) | set(summary.get("ensemble", {})))
     fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        rows = summary["single_split"][ds]
+        rows = summary["single_split"].get(ds, {})
         names = list(rows)
         x = np.arange(len(names))
-        ours = [rows[n]["accuracy"] for n in names]
-        err = np.array([[rows[n]["accuracy"] - rows[n]["accuracy_ci95"][0] for n in names],
-                        [rows[n]["accuracy_ci95"][1] - rows[n]["accuracy"] for n in names]])
-        ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="morphocam (95% CI)")
-        ax.bar(x + 0.2, [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
+        if names:
+            err = np.array([[rows[n]["accuracy"] - rows[n]["accuracy_ci95"][0] for n in names],
+                            [rows[n]["accuracy_ci95"][1] - rows[n]["accuracy"] for n in names]])
+            ax.bar(x - 0.2, [rows[n]["accuracy"] for n in names], 0.4, yerr=err, capsize=3, label="morphocam (95% CI)")
+            ax.bar(x + 0.2, [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
+        extra = []
         cv = summary["cross_validation"].get(ds)
         if cv:
-            ax.errorbar([x[-1] + 0.45], [cv["accuracy_mean"]], yerr=[[cv["accuracy_mean"] - cv["accuracy_ci95"][0]],
-                        [cv["accuracy_ci95"][1] - cv["accuracy_mean"]]], fmt="kD", label=f"full, {cv['folds']}-fold mean")
-        ax.set_xticks(x, names, rotation=20)
+            extra.append((f"full, {cv['folds']}-fold CV mean", cv["accuracy_mean"], cv["accuracy_ci95"], "kD"))
+            if ds in PUBLISHED_CV:
+                mean, std = PUBLISHED_CV[ds]
+                ax.errorbar([len(names) + 0.25], [mean], yerr=[[std], [std]], fmt="D", color="grey", capsize=3,
+                            label="best published CV (mean ± std)")
+        ens = summary.get("ensemble", {}).get(ds)
+        if ens:
+            extra.append((f"full, {ens['members']}-member ensemble", ens["accuracy"], ens["accuracy_ci95"], "rs"))
+        for i, (label, value, ci, fmt) in enumerate(extra):
+            lo, hi = (value, value) if any(map(math.isnan, ci)) else (max(ci[0], 0.0), min(ci[1], 1.0))
+            ax.errorbar([len(names) + i], [value], yerr=[[value - lo], [hi - value]], fmt=fmt, capsize=3, label=label)
+        ax.set_xticks(np.arange(len(names) + len(extra)), names + [e[0].split(", ", 1)[1] for e in extra], rotation=20)
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds}: test accuracy")
         ax.legend(fontsize=8, loc="lower left")

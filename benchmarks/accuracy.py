@@ -240,8 +240,10 @@ def plot(summary: dict, path: Path) -> None:
         if names:
             err = np.array([[rows[n]["accuracy"] - rows[n]["accuracy_ci95"][0] for n in names],
                             [rows[n]["accuracy_ci95"][1] - rows[n]["accuracy"] for n in names]])
-            ax.bar(x - 0.2, [rows[n]["accuracy"] for n in names], 0.4, yerr=err, capsize=3, label="morphocam (95% CI)")
-            ax.bar(x + 0.2, [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
+            # plain lists: matplotlib warns on a length-1 array of positions (NumPy >= 1.25 deprecation)
+            ax.bar((x - 0.2).tolist(), [rows[n]["accuracy"] for n in names], 0.4, yerr=err.tolist(), capsize=3,
+                   label="morphocam (95% CI)")
+            ax.bar((x + 0.2).tolist(), [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
         extra = []
         cv = summary["cross_validation"].get(ds)
         if cv:

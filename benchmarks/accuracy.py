@@ -122,6 +122,8 @@ def _row(result: dict, run_dir: Path | None = None) -> dict:
             "train_seconds": result.get("train_seconds"), "seconds_per_epoch": result.get("seconds_per_epoch"),
             "cpu": result.get("cpu"), "device": result.get("device"),
             "accuracy_tta": result.get("test_tta", {}).get("accuracy"),
+            "accuracy_last_epoch": result.get("test_last_epoch", {}).get("accuracy"),
+            "best_epoch": result.get("best_epoch"),
             "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"],
             "recipe": _recipe(run_dir) if run_dir is not None else {}}
 

@@ -26,6 +26,23 @@ def tiny_run(hushem_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_last_epoch_is_scored_beside_the_selected_weights(hushem_dir, tmp_path):
+    # a learning rate so high that the first epoch is the best: selection and end of schedule differ
+    rc = train_main(["--data-dir", str(hushem_dir), "--arch", "simplecnn", "--pretrained", "none",
+                     "--input-size", "64", "--limit-per-class", "8", "--freeze-unfreeze", "false",
+                     "--frozen-epochs", "0", "--epochs", "5", "--lr", "0.3", "--augment", "false", "--tta", "false",
+                     "--batch-size", "8", "--output-dir", str(tmp_path), "--progress", "false", "--threads", "2"])
+    assert rc == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert result["best_epoch"] < result["epochs_run"]
+    # the last epoch's weights give the history's last validation figure, the selected ones their epoch's
+    assert result["val_last_epoch"]["accuracy"] == pytest.approx(result["history"][-1]["val_accuracy"])
+    assert result["val"]["accuracy"] == pytest.approx(result["history"][result["best_epoch"] - 1]["val_accuracy"])
+    assert result["val_last_epoch"]["accuracy"] != result["val"]["accuracy"]
+    assert result["test_last_epoch"]["n"] == result["test"]["n"]
+
+
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_its_artefacts(tiny_run):
     result = json.loads((tiny_run / "metrics.json").read_text())
     losses = [h["train_loss"] for h in result["history"]]

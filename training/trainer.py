@@ -289,12 +289,18 @@ def train(cfg: TrainConfig) -> dict:
     run, resumed = restore(cfg, model, ema, gen)
     val_images, val_labels = folder.images[split.val], folder.labels[split.val]
     run = fit(cfg, model, ema, loader, gen, val_images, val_labels, k, device, run, resumed)
+    # The last epoch's weights are scored too and reported beside the selected ones (never used for
+    # selection): with validation sets of 26-33 images, whether best-by-validation beats simply taking
+    # the end of the schedule is itself a question for the cross-validation to answer.
+    last = ema.module if ema is not None else model
+    last_probs = {part: predict_probs(last, folder.images[idx], device) for part, idx in
+                  (("val", split.val), ("test", split.test))}
     model.load_state_dict(run.best_state)
-    return finish(cfg, model, folder, split, weights, run, device, time.time() - t0)
+    return finish(cfg, model, folder, split, weights, run, device, time.time() - t0, last_probs)
 
 
 def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split, weights: str, run: RunState,
-           device: torch.device, session_seconds: float) -> dict:
+           device: torch.device, session_seconds: float, last_probs: dict | None = None) -> dict:
     """Score the selected weights on validation and (once) on test; write checkpoint, metrics, plots."""
     out, labels, classes = cfg.output_dir, folder.labels, folder.classes
     contract = InputContract(classes=classes, height=cfg.input_size, width=cfg.input_size, dataset=cfg.dataset)
@@ -334,6 +340,9 @@ def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split
                                                      classes, seed=cfg.seed)
         tta_probs = predict_probs(model, folder.images[split.test], device, tta=True)
         result["test_tta"] = M.classification_metrics(labels[split.test], tta_probs, classes, seed=cfg.seed)
+    for part, probs in (last_probs or {}).items():
+        idx = split.val if part == "val" else split.test
+        result[f"{part}_last_epoch"] = M.classification_metrics(labels[idx], probs, classes, seed=cfg.seed)
     meta = {
         "contract": contract.to_dict(),
         "arch": cfg.arch,

@@ -14,8 +14,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from morphocam import plotting
 from morphocam.stats import macro_f1, wilson_interval
 
-__all__ = ["binary_auc", "bootstrap_interval", "classification_metrics", "macro_auc", "macro_f1_of_probs", "plot_confusion",
-           "plot_curves", "plot_roc", "wilson_interval"]
+__all__ = ["binary_auc", "bootstrap_interval", "classification_metrics", "macro_auc", "macro_f1_of_probs",
+           "plot_confusion", "plot_curves", "plot_roc", "wilson_interval"]
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:

@@ -49,7 +49,8 @@ class EnsembleBenchConfig:
     def __post_init__(self) -> None:
         if isinstance(self.checkpoints, (str, Path)):
             self.checkpoints = [Path(self.checkpoints)]
-        self.checkpoints = [Path(p) for p in self.checkpoints] or sorted(DEFAULT_MEMBERS.glob("member*/model.safetensors"))
+        self.checkpoints = ([Path(p) for p in self.checkpoints]
+                            or sorted(DEFAULT_MEMBERS.glob("member*/model.safetensors")))
         if len(self.checkpoints) < 2:
             raise ValueError(f"need at least 2 member checkpoints, found {[str(p) for p in self.checkpoints]}")
 
@@ -142,9 +143,9 @@ def plot(result: dict, path: Path) -> None:
     if result["accuracy"]:
         rows = result["accuracy"]["test"]["members"] + [result["accuracy"]["test"]["ensemble"]]
         names = [f"member {i}" for i in range(len(rows) - 1)] + ["ensemble"]
-        ax_acc.bar(names, [r["accuracy"] for r in rows], yerr=np.array(
-            [[r["accuracy"] - r["accuracy_ci95"][0] for r in rows], [r["accuracy_ci95"][1] - r["accuracy"] for r in rows]]),
-            capsize=3, color=["tab:blue"] * (len(rows) - 1) + ["tab:orange"])
+        err = [[r["accuracy"] - r["accuracy_ci95"][0] for r in rows], [r["accuracy_ci95"][1] - r["accuracy"] for r in rows]]
+        ax_acc.bar(names, [r["accuracy"] for r in rows], yerr=err, capsize=3,
+                   color=["tab:blue"] * (len(rows) - 1) + ["tab:orange"])
         ax_acc.set_ylim(0, 1)
         ax_acc.tick_params(axis="x", rotation=30)
     ax_acc.set_title(f"{result['dataset']}: test accuracy (95% CI)")

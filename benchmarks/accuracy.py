@@ -148,27 +148,24 @@ def summarise_folds(rows: list[dict]) -> dict:
             "macro_f1_ci95": [float(f1.mean() - half(f1)), float(f1.mean() + half(f1))], "per_fold": rows}
 
 
-def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...] | None, seed: int) -> dict:
+def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int) -> dict:
     """The ensemble's test metrics from its members' own saved test predictions (probabilities averaged).
 
     Members share the single split's test images (same order), which is checked, so nothing is re-run.
     """
-    from morphocam.training.metrics import classification_metrics
+    from morphocam.training.metrics import classification_metrics, headline
 
     preds = [np.load(d / "test_predictions.npz") for d in run_dirs]
     labels, paths = preds[0]["labels"], preds[0]["paths"]
     for d, p in zip(run_dirs, preds):
         if not (np.array_equal(p["labels"], labels) and np.array_equal(p["paths"], paths)):
             raise ValueError(f"{d}: its test split differs from {run_dirs[0]}'s; members must share it")
-    probs = np.mean([p["probs"] for p in preds], axis=0)
-    metrics = classification_metrics(labels, probs, classes or tuple(str(i) for i in range(probs.shape[1])),
-                                     seed=seed)
+    metrics = headline(classification_metrics(labels, np.mean([p["probs"] for p in preds], axis=0), classes,
+                                              seed=seed))
     members = [float(np.mean(p["probs"].argmax(1) == labels)) for p in preds]
-    return {"members": len(preds), "accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"],
-            "macro_f1": metrics["macro_f1"], "macro_auc_ovr": metrics["macro_auc_ovr"], "n_test": metrics["n"],
-            "per_class_f1": {c: v["f1"] for c, v in metrics["per_class"].items()},
-            "member_accuracy": members, "member_accuracy_mean": float(np.mean(members)),
-            "correct": int(round(metrics["accuracy"] * metrics["n"]))}
+    n = metrics.pop("n")
+    return {"members": len(preds), **metrics, "n_test": n, "member_accuracy": members,
+            "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
 def run(cfg: AccuracyConfig) -> dict:
@@ -215,7 +212,7 @@ def run(cfg: AccuracyConfig) -> dict:
                 result = run_config(cfg, dataset, "full", None, m)
                 dirs.append(run_dir(cfg, dataset, "full", None, m))
                 rows.append(_row(result, dirs[-1]))
-                ens = summarise_ensemble(dirs, _classes(dataset), cfg.seed)
+                ens = summarise_ensemble(dirs, tuple(result["test"]["classes"]), cfg.seed)
                 ens.update(members_planned=cfg.members, per_member=rows, paper_accuracy=PAPER_TABLE["full"][dataset][0])
                 summary["ensemble"][dataset] = ens
                 print(f"{dataset:7s} ensemble {len(dirs)}/{cfg.members} members: acc {ens['accuracy']:.4f} "
@@ -223,12 +220,6 @@ def run(cfg: AccuracyConfig) -> dict:
                 publish()
     publish()
     return summary
-
-
-def _classes(dataset: str) -> tuple[str, ...] | None:
-    from morphocam.contract import DATASET_CLASSES
-
-    return DATASET_CLASSES.get(dataset)
 
 
 def plot(summary: dict, path: Path) -> None:

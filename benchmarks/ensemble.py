@@ -64,18 +64,17 @@ def shared_split(metas: list[dict], data_root: Optional[Path]):
     """
     from morphocam.export.data import dataset_root
     from morphocam.training.checkpoint import contract_of
-    from morphocam.training.trainer import checkpoint_split
+    from morphocam.training.trainer import checkpoint_split, make_split, recipe_config
 
     if any(meta.get("recipe", {}).get("member") is None for meta in metas):
         return None
-    tests = []
-    for meta in metas:
-        _, folder, split = checkpoint_split(meta, dataset_root(meta, data_root, contract_of(meta)))
-        tests.append([str(folder.samples[i].path) for i in split.test])
-    if any(t != tests[0] for t in tests[1:]):
-        return None
+    # The images are decoded once (the single split's own recipe); each member's split is re-derived on them.
     single = {**metas[0], "recipe": {**metas[0]["recipe"], "member": None}}
-    _, folder, base = checkpoint_split(single, dataset_root(single, data_root, contract_of(single)))
+    root = dataset_root(single, data_root, contract_of(single))
+    _, folder, base = checkpoint_split(single, root)
+    tests = [list(make_split(recipe_config(meta, root), folder).test) for meta in metas]
+    if any(t != list(base.test) for t in tests):
+        return None
     return {part: (folder.images[idx], folder.labels[idx]) for part, idx in (("val", base.val), ("test", base.test))}, \
         folder.classes
 
@@ -84,7 +83,7 @@ def run(cfg: EnsembleBenchConfig) -> dict:
     from morphocam.export.ensemble import load_ensemble
     from morphocam.export.onnx_export import export_onnx
     from morphocam.export.parity import torch_predict
-    from morphocam.training.metrics import classification_metrics
+    from morphocam.training.metrics import classification_metrics, headline
 
     net, metas, contract = load_ensemble(cfg.checkpoints)
     shared = shared_split(metas, cfg.data_root)
@@ -107,8 +106,8 @@ def run(cfg: EnsembleBenchConfig) -> dict:
                     result["parity_max_abs_prob_diff"] = float(np.max(np.abs(probs - np.mean(member_probs, axis=0))))
                 ens = classification_metrics(labels, probs, classes)
                 result["accuracy"][part] = {
-                    "n": ens["n"], "ensemble": _summary(ens),
-                    "members": [_summary(classification_metrics(labels, p, classes)) for p in member_probs]}
+                    "n": ens["n"], "ensemble": headline(ens),
+                    "members": [headline(classification_metrics(labels, p, classes)) for p in member_probs]}
             frames = parts["test"][0]
         else:
             from morphocam.export.parity import synthetic_frames
@@ -131,11 +130,6 @@ def run(cfg: EnsembleBenchConfig) -> dict:
           + "".join(f"; {part} accuracy {r['members'][0]['accuracy']:.4f} (member 0) -> "
                     f"{r['ensemble']['accuracy']:.4f}" for part, r in (result["accuracy"] or {}).items()), flush=True)
     return result
-
-
-def _summary(m: dict) -> dict:
-    return {"accuracy": m["accuracy"], "accuracy_ci95": m["accuracy_ci95"], "macro_f1": m["macro_f1"],
-            "macro_auc_ovr": m["macro_auc_ovr"], "per_class_f1": {c: v["f1"] for c, v in m["per_class"].items()}}
 
 
 def plot(result: dict, path: Path) -> None:

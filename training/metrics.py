@@ -14,8 +14,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from morphocam import plotting
 from morphocam.stats import macro_f1, wilson_interval
 
-__all__ = ["binary_auc", "bootstrap_interval", "classification_metrics", "macro_auc", "macro_f1_of_probs",
-           "plot_confusion", "plot_curves", "plot_roc", "wilson_interval"]
+__all__ = ["binary_auc", "bootstrap_interval", "classification_metrics", "headline", "macro_auc",
+           "macro_f1_of_probs", "plot_confusion", "plot_curves", "plot_roc", "wilson_interval"]
 
 
 def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
@@ -85,6 +85,13 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple
         "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
         "classes": list(classes),
     }
+
+
+def headline(metrics: dict) -> dict:
+    """The figures a summary table carries from :func:`classification_metrics`' result."""
+    return {"accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"], "macro_f1": metrics["macro_f1"],
+            "macro_auc_ovr": metrics["macro_auc_ovr"], "n": metrics["n"],
+            "per_class_f1": {c: v["f1"] for c, v in metrics["per_class"].items()}}
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:

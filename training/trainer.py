@@ -390,14 +390,19 @@ def write_split(path: Path, folder: ImageFolder, split: Split, cfg: TrainConfig)
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+def recipe_config(meta: dict, data_dir: Path, progress: bool = False) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint was trained with (its recipe), reading data from ``data_dir``."""
+    recipe = {k: v for k, v in meta["recipe"].items() if k in TrainConfig.__dataclass_fields__}
+    recipe.update(data_dir=Path(data_dir), progress=progress)
+    return TrainConfig(**recipe)
+
+
 def checkpoint_split(meta: dict, data_dir: Path, progress: bool = False) -> tuple[TrainConfig, ImageFolder, Split]:
     """Re-derive the split a checkpoint was trained on from its recipe (same seed, fractions, fold).
 
     Warns when the images on disk differ from those the checkpoint saw (data fingerprint).
     """
-    recipe = {k: v for k, v in meta["recipe"].items() if k in TrainConfig.__dataclass_fields__}
-    recipe.update(data_dir=Path(data_dir), progress=progress)
-    cfg = TrainConfig(**recipe)
+    cfg = recipe_config(meta, data_dir, progress)
     folder = load_dataset(cfg)
     if folder.fingerprint() != meta.get("data_fingerprint"):
         print("[warn] dataset fingerprint differs from the one the checkpoint was trained on; "

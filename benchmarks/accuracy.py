@@ -5,12 +5,23 @@ Every (config, dataset, fold) is one training run in its own folder. A folder th
 resumed from its last finished epoch (``morphocam-train --resume``); so the benchmark never retrains a
 finished cell and loses at most one epoch of a stopped one. The summary compares each row with the
 paper and says which backbone/weights, input size and epochs each row used.
+
+A cell is trained under an exclusive lock on its folder (``.cell.lock``), so several benchmark processes
+can share one set of cells: ``--workers N`` starts N of them, each taking the next cell no other one
+holds, then summarises once they are done. One HuSHem run leaves a GPU mostly idle (batches of 32
+images of 224 px), so on a GPU machine N runs side by side finish in about the time of one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -45,6 +56,8 @@ class AccuracyConfig:
                           Path("results/benchmarks/accuracy"))
     datasets: tuple[str, ...] = option("datasets to run", ("hushem",))
     configs: tuple[str, ...] = option("ablation rows to run", tuple(ABLATION))
+    single_split: bool = option("run each config on the single 70/15/15 split (false: only the "
+                                "cross-validation and ensemble cells, e.g. to compare a backbone by CV first)", True)
     folds: int = option("k for the cross-validation of the full model (0 = none)", 5)
     cv_datasets: tuple[str, ...] = option("datasets that also get the k-fold cross-validation (an SMIDS fold "
                                           "costs as much as its whole single-split row)", ("hushem",))
@@ -67,18 +80,62 @@ class AccuracyConfig:
     threads: int = option("torch threads per run (0 = torch default)", 0)
     device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
+    workers: int = option("benchmark processes sharing the cells (each trains the next cell no other one "
+                          "holds, under a lock per cell), then one summary pass; >1 pays on a GPU machine", 1)
+    train: bool = option("train the cells that are missing (false: only summarise the finished ones, e.g. "
+                         "after a time-boxed run was stopped)", True)
+    busy: str = option("a cell that another process is training: 'wait' for it and reuse its result, or "
+                       "'skip' it (what --workers' processes do; the summary pass then collects it)", "wait",
+                       choices=("wait", "skip"))
 
 
-def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None, member: int | None = None) -> dict:
+LOCK_FILE = ".cell.lock"
+
+
+@contextmanager
+def cell_lock(out: Path, wait: bool):
+    """Hold ``out/.cell.lock`` exclusively (flock: released by the kernel if the holder dies, so a killed
+    worker's cell is free again and resumes from its ``train_state.pt``). Yields False when ``wait`` is
+    off and another process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_config(cfg: AccuracyConfig, dataset: str, name: str, fold: int | None,
+               member: int | None = None) -> dict | None:
+    """The cell's result: reused, resumed or trained; None when it is unfinished and ``cfg.train`` is
+    off, or when ``cfg.busy == 'skip'`` and another process is training it."""
+    out = run_dir(cfg, dataset, name, fold, member)
+    done = out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if not cfg.train:
+        return None
+    with cell_lock(out, wait=cfg.busy == "wait") as held:
+        if not held:
+            print(f"[busy] {out}: another process is training it; skipped", flush=True)
+            return None
+        if done.is_file():  # finished by the process we waited for
+            return json.loads(done.read_text())
+        return _train_cell(cfg, out, dataset, name, fold, member)
+
+
+def _train_cell(cfg: AccuracyConfig, out: Path, dataset: str, name: str, fold: int | None,
+                member: int | None) -> dict:
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import train
 
     from morphocam.training.run_state import STATE_FILE
 
-    out = run_dir(cfg, dataset, name, fold, member)
-    done = out / "metrics.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     if (out / STATE_FILE).is_file():
         # A stopped cell continues with its own recipe (config.yaml), whatever this invocation's flags say.
         from morphocam.training.cli import resume_argv
@@ -168,9 +225,37 @@ def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int
             "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
+def run_workers(cfg: AccuracyConfig) -> None:
+    """Start ``cfg.workers`` copies of this benchmark that skip busy cells; wait for all of them.
+
+    Each writes its log to ``<output_dir>/logs/worker<i>.log``; their summaries are partial (the summary
+    pass after them writes the whole one)."""
+    from morphocam.config import save_config
+
+    logs = cfg.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    conf = logs / "workers.yaml"
+    save_config(replace(cfg, workers=1, busy="skip"), conf)
+    procs = []
+    for i in range(cfg.workers):
+        log = open(logs / f"worker{i}.log", "a")
+        procs.append((i, log, subprocess.Popen(
+            [sys.executable, "-m", "morphocam.benchmarks.cli", "accuracy", "--config", str(conf)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})))
+        time.sleep(2)  # staggered, so that the first cells are not all claimed in the same instant
+    for i, log, proc in procs:
+        rc = proc.wait()
+        log.close()
+        print(f"[worker {i}] exited with {rc} (log: {logs / f'worker{i}.log'})", flush=True)
+
+
 def run(cfg: AccuracyConfig) -> dict:
     """Run (or resume, or reuse) every cell; ``accuracy.json`` and the plot are rewritten after each
-    finished cell, so a stopped benchmark leaves a summary of what has landed."""
+    finished cell, so a stopped benchmark leaves a summary of what has landed. With ``cfg.workers > 1``
+    the cells are trained by that many processes first (:func:`run_workers`)."""
+    if cfg.workers > 1:
+        run_workers(cfg)
+        cfg = replace(cfg, workers=1, busy="wait")
     summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                      "single_split": {}, "cross_validation": {}, "ensemble": {}}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +265,10 @@ def run(cfg: AccuracyConfig) -> dict:
         plot(summary, cfg.output_dir / "accuracy.png")
 
     for dataset in cfg.datasets:
-        for name in cfg.configs:
+        for name in (cfg.configs if cfg.single_split else ()):
             result = run_config(cfg, dataset, name, None)
+            if result is None:
+                continue
             row = _row(result, run_dir(cfg, dataset, name, None))
             paper = PAPER_TABLE[name][dataset]
             row.update(paper_accuracy=paper[0], paper_macro_f1=paper[1])
@@ -195,7 +282,10 @@ def run(cfg: AccuracyConfig) -> dict:
         if cfg.folds > 1 and dataset in cfg.cv_datasets:
             rows = []
             for f in range(cfg.folds):
-                rows.append(_row(run_config(cfg, dataset, "full", f), run_dir(cfg, dataset, "full", f)))
+                result = run_config(cfg, dataset, "full", f)
+                if result is None:
+                    continue
+                rows.append(_row(result, run_dir(cfg, dataset, "full", f)))
                 cv = summarise_folds(rows)
                 cv["folds_planned"] = cfg.folds
                 if dataset in PUBLISHED_CV:
@@ -210,6 +300,8 @@ def run(cfg: AccuracyConfig) -> dict:
             dirs, rows = [], []
             for m in range(cfg.members):
                 result = run_config(cfg, dataset, "full", None, m)
+                if result is None:
+                    continue
                 dirs.append(run_dir(cfg, dataset, "full", None, m))
                 rows.append(_row(result, dirs[-1]))
                 ens = summarise_ensemble(dirs, tuple(result["test"]["classes"]), cfg.seed)

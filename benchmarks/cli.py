@@ -80,3 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A benchmark with a verdict (the soak) turns it into the exit status; the others succeed by finishing.
     verdict = getattr(module, "passed", None)
     return 0 if verdict is None or verdict(result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,6 +102,44 @@ def test_ensemble_members_trained_averaged_and_served_as_one_graph(tmp_path, hus
     assert (tmp_path / "ens" / "ensemble_hushem.json").is_file() and (tmp_path / "ens" / "ensemble_hushem.png").is_file()
 
 
+def test_a_cell_held_by_another_process_is_skipped_not_trained_twice(tmp_path, hushem_dir):
+    from dataclasses import replace
+
+    from morphocam.benchmarks.accuracy import cell_lock, run_config, run_dir
+
+    cfg = replace(smoke_config(tmp_path, hushem_dir.parent), busy="skip")
+    out = run_dir(cfg, "hushem", "simplecnn", None)
+    with cell_lock(out, wait=True) as held:  # as if a worker were training it
+        assert held
+        assert run_config(cfg, "hushem", "simplecnn", None) is None
+        assert not (out / "metrics.json").exists() and not (out / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_workers_share_the_cells_and_train_each_once(tmp_path, hushem_dir):
+    from dataclasses import replace
+
+    cfg = replace(smoke_config(tmp_path, hushem_dir.parent), folds=2, cv_datasets=("hushem",), arch="simplecnn",
+                  pretrained="none", workers=2, threads=1, limit_per_class=16)
+    summary = run_accuracy(cfg)
+    cells = [tmp_path / "hushem" / "simplecnn" / "single", tmp_path / "hushem" / "full" / "fold0",
+             tmp_path / "hushem" / "full" / "fold1"]
+    assert all((c / "metrics.json").is_file() for c in cells)
+    logs = [(tmp_path / "logs" / f"worker{i}.log").read_text() for i in range(2)]
+    # every cell was trained by exactly one worker (a training prints its data line once), none twice
+    trained = [line for log in logs for line in log.splitlines() if line.startswith("[data]")]
+    assert len(trained) == len(cells), logs
+    # the summary pass after the workers holds every cell
+    assert summary["cross_validation"]["hushem"]["folds"] == 2
+    assert set(summary["single_split"]["hushem"]) == {"simplecnn"}
+    # a summary-only pass (what a time-boxed GPU run ends with) trains nothing and lists what landed
+    import shutil
+
+    shutil.rmtree(cells[2])
+    partial = run_accuracy(replace(cfg, workers=1, train=False))
+    assert partial["cross_validation"]["hushem"]["folds"] == 1 and not cells[2].exists()
+
+
 def test_bench_cli_rejects_unknown_commands(capsys):
     assert bench_main(["nonsense"]) == 2
     assert "unknown command" in capsys.readouterr().err

@@ -129,16 +129,17 @@ def test_train_cli_reports_dataset_errors(tmp_path, capsys):
     assert "class folder holds no" in capsys.readouterr().err
 
 
-def _tiny_args(hushem_dir, out) -> list[str]:
+def _tiny_args(hushem_dir, out, augment_on: str = "loader") -> list[str]:
     # Every stateful piece on: two stages (new optimiser at the switch), augmentation, MixUp, EMA.
-    return ["--data-dir", str(hushem_dir), "--arch", "simplecnn", "--pretrained", "none", "--input-size", "48",
+    return ["--augment-on", augment_on, "--data-dir", str(hushem_dir), "--arch", "simplecnn", "--pretrained", "none", "--input-size", "48",
             "--limit-per-class", "6", "--freeze-unfreeze", "true", "--frozen-epochs", "2", "--epochs", "3",
             "--mixup-alpha", "0.4", "--label-smoothing", "0.1", "--ema-decay", "0.9", "--batch-size", "8",
             "--output-dir", str(out), "--progress", "false", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path):
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path, augment_on):
     import os
     import signal
     import subprocess
@@ -147,10 +148,10 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_pa
     from safetensors.torch import load_file
 
     whole = tmp_path / "whole"
-    assert train_main(_tiny_args(hushem_dir, whole)) == 0
+    assert train_main(_tiny_args(hushem_dir, whole, augment_on)) == 0
 
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "morphocam.training.cli", *_tiny_args(hushem_dir, cut)]
+    cmd = [sys.executable, "-m", "morphocam.training.cli", *_tiny_args(hushem_dir, cut, augment_on)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # SIGKILL after the third epoch (inside stage 2, mid-schedule)
         if line.startswith("epoch   3"):
@@ -174,6 +175,21 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_pa
     assert not (cut / "train_state.pt").exists()  # a finished run keeps no resume state
     split = json.loads((cut / "split.json").read_text())
     assert split["counts"] == b["split"] and len(split["test"]) == b["test"]["n"]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_with_batched_augmentation_trains(hushem_dir, tmp_path):
+    # The GPU recipe's two switches (bf16 steps, batched augmentation) forced on the CPU: the loss falls
+    # and the run records them; evaluation stays float32 so the scores are those of the saved weights.
+    args = [a for a in _tiny_args(hushem_dir, tmp_path, "device")]
+    assert train_main([*args, "--amp", "bf16", "--epochs", "6"]) == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    stage2 = [h["train_loss"] for h in result["history"] if h["stage"] == 2]
+    assert stage2[-1] < stage2[0]
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert cfg["amp"] == "bf16" and cfg["augment_on"] == "device"
 
 
 def test_resume_without_a_saved_state_is_a_clear_error(hushem_dir, tmp_path, capsys):

@@ -57,6 +57,13 @@ class TrainConfig:
     threads: int = option("torch CPU threads (0 = torch default)", 0)
     device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     augment: bool = option("flip/rotation/colour-jitter/affine augmentation of training images", True)
+    augment_on: str = option("where training images are augmented: 'loader' (torchvision, per image, CPU), "
+                             "'device' (the same ranges drawn per image, applied to the whole batch on the "
+                             "training device: what keeps a GPU busy), 'auto' (device on CUDA, else loader)",
+                             "auto", choices=("auto", "loader", "device"))
+    amp: str = option("mixed precision for training steps: 'auto' (bf16 autocast on CUDA, off on CPU, where "
+                      "AVX2 machines have no bf16 units), 'bf16', 'off'; evaluation always runs in float32",
+                      "auto", choices=("auto", "bf16", "off"))
     progress: bool = option("progress bars", True)
     resume: Optional[Path] = option("continue the stopped run in this folder from its last finished epoch "
                                     "(its config.yaml supplies every other option)", None)

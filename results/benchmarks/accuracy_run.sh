@@ -2,7 +2,7 @@
 # The full-budget accuracy benchmark (issue 11): the paper's 224 px and 100 epochs (10 head-only + 90),
 # MixUp 0.4 + label smoothing 0.1 on the full rows, EMA of weights, offline ImageNet Lite0 weights.
 # Resumable: run it again and every finished cell is reused, a stopped one continues from its last epoch.
-# Order: what the issue's targets need first (HuSHem release candidate + 5-fold CV, then the 5-member
+# Order: what the issue's targets need first (HuSHem release candidate + 5-fold CV, the Lite2 CV, then the 5-member
 # cross-validated ensemble on the release split), then the ablation, then SMIDS (each SMIDS cell costs
 # ~14x a HuSHem one on CPU).
 # Niced so that interactive work on the same 2 cores comes first. Extra flags go to every step.
@@ -16,6 +16,9 @@ bench() {
 ALL=simplecnn,efficientnet,cbam,freeze_unfreeze,full
 ENS="--members 5 --member-datasets hushem"
 bench --datasets hushem --configs full --folds 5 --cv-datasets hushem "$@"
+# Lever: ImageNet Lite2 weights instead of Lite0 at the same budget, compared by 5-fold CV (same folds)
+bench --datasets hushem --configs full --single-split false --folds 5 --cv-datasets hushem \
+  --arch tf_efficientnet_lite2 --pretrained lite2 --output-dir results/benchmarks/accuracy_lite2 "$@"
 bench --datasets hushem --configs full --folds 5 --cv-datasets hushem $ENS "$@"
 bench --datasets hushem --configs "$ALL" --folds 5 --cv-datasets hushem $ENS "$@"
 bench --datasets hushem,smids --configs "$ALL" --folds 5 --cv-datasets hushem,smids $ENS "$@"

@@ -30,6 +30,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                        "the served classifier over engine x instances x threads x queue delay"),
     "accuracy": Benchmark("accuracy", "AccuracyConfig", "run",
                           "the paper's ablation table on the seeded split, plus k-fold CV of the full model"),
+    "probe": Benchmark("probe", "ProbeConfig", "run",
+                       "linear probe of frozen ImageNet features per offline weights (a cheap screen before a CV)"),
     "ensemble": Benchmark("ensemble", "EnsembleBenchConfig", "run",
                           "several checkpoints averaged in one ONNX graph: accuracy gained vs served cost"),
     "calibration": Benchmark("calibration", "CalibrationConfig", "run_all",

@@ -140,6 +140,29 @@ def test_workers_share_the_cells_and_train_each_once(tmp_path, hushem_dir):
     assert partial["cross_validation"]["hushem"]["folds"] == 1 and not cells[2].exists()
 
 
+@pytest.mark.slow
+def test_linear_probe_uses_the_cv_folds_and_picks_c_on_validation(tmp_path, hushem_dir):
+    from morphocam.benchmarks.probe import ProbeConfig, run as run_probe
+    from morphocam.training.config import TrainConfig
+    from morphocam.training.trainer import load_dataset, make_split
+
+    cfg = ProbeConfig(data_root=hushem_dir.parent, weights=("lite0",), input_size=64, folds=3, c_grid=(1e-4, 0.1),
+                      output_dir=tmp_path)
+    r = run_probe(cfg)["probes"]["lite0"]
+    val = r["val_accuracy_by_c"]
+    assert r["c"] == max(cfg.c_grid, key=lambda c: val[str(c)])
+    # the test folds are the accuracy benchmark's: every image scored once
+    tcfg = TrainConfig(data_dir=hushem_dir, dataset="hushem", input_size=64, folds=3, fold=0, progress=False)
+    folder = load_dataset(tcfg)
+    sizes = []
+    for f in range(3):
+        tcfg.fold = f
+        sizes.append(len(make_split(tcfg, folder).test))
+    assert r["n_test_per_fold"] == sizes and sum(sizes) == len(folder.labels)
+    assert r["test_accuracy_mean"] > 0.4  # frozen ImageNet features separate the four classes above chance (0.25)
+    assert (tmp_path / "probe_hushem.json").is_file() and (tmp_path / "probe_hushem.png").is_file()
+
+
 def test_bench_cli_rejects_unknown_commands(capsys):
     assert bench_main(["nonsense"]) == 2
     assert "unknown command" in capsys.readouterr().err

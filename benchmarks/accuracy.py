@@ -80,6 +80,10 @@ class AccuracyConfig:
     threads: int = option("torch threads per run (0 = torch default)", 0)
     device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
+    cv_ensemble_with: tuple[Path, ...] = option("other accuracy output folders (same folds, other recipes or "
+                                                "backbones) whose CV fold models join this one's, fold by fold, "
+                                                "probabilities averaged: the CV of that ensemble, from the saved "
+                                                "test predictions (nothing is retrained)", ())
     workers: int = option("benchmark processes sharing the cells (each trains the next cell no other one "
                           "holds, under a lock per cell), then one summary pass; >1 pays on a GPU machine", 1)
     train: bool = option("train the cells that are missing (false: only summarise the finished ones, e.g. "
@@ -225,6 +229,28 @@ def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int
             "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
+def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str, rows: list[dict]) -> dict:
+    """Per CV fold, this benchmark's fold model averaged with the same fold's models of the folders in
+    ``cfg.cv_ensemble_with`` (each scored the same test images: checked); folds missing anywhere are left
+    out and counted. Every fold model trained without that fold's test images, so the average is a fair
+    CV of the ensemble."""
+    folds, missing = [], []
+    for f in range(cfg.folds):
+        dirs = [run_dir(cfg, dataset, "full", f)] + [Path(o) / dataset / "full" / f"fold{f}" for o in cfg.cv_ensemble_with]
+        if not all((d / "test_predictions.npz").is_file() for d in dirs):
+            missing.append(f)
+            continue
+        classes = tuple(json.loads((dirs[0] / "metrics.json").read_text())["test"]["classes"])
+        folds.append({"fold": f, **summarise_ensemble(dirs, classes, cfg.seed)})
+    out = {"members": [str(cfg.output_dir)] + [str(o) for o in cfg.cv_ensemble_with], "folds_missing": missing}
+    if folds:
+        out.update(summarise_folds(folds))
+        out["published_cv_accuracy_mean_std"] = list(PUBLISHED_CV.get(dataset, ()))
+        print(f"{dataset:7s} CV of the ensemble with {', '.join(map(str, cfg.cv_ensemble_with))}: {len(folds)} folds, "
+              f"acc {out['accuracy_mean']:.4f} ± {out['accuracy_std']:.4f}, F1 {out['macro_f1_mean']:.3f}", flush=True)
+    return out
+
+
 def run_workers(cfg: AccuracyConfig) -> None:
     """Start ``cfg.workers`` copies of this benchmark that skip busy cells; wait for all of them.
 
@@ -256,8 +282,10 @@ def run(cfg: AccuracyConfig) -> dict:
     if cfg.workers > 1:
         run_workers(cfg)
         cfg = replace(cfg, workers=1, busy="wait")
-    summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
-                     "single_split": {}, "cross_validation": {}, "ensemble": {}}
+    from morphocam.config import config_to_dict
+
+    summary: dict = {"config": config_to_dict(cfg),
+                     "single_split": {}, "cross_validation": {}, "ensemble": {}, "cv_ensemble": {}}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     def publish() -> None:
@@ -295,6 +323,9 @@ def run(cfg: AccuracyConfig) -> dict:
                       f"acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
                       f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
                       f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}", flush=True)
+                publish()
+            if cfg.cv_ensemble_with:
+                summary["cv_ensemble"][dataset] = summarise_cv_ensemble(cfg, dataset, rows)
                 publish()
         if cfg.members > 1 and dataset in cfg.member_datasets:
             dirs, rows = [], []
@@ -337,6 +368,10 @@ def plot(summary: dict, path: Path) -> None:
                 mean, std = PUBLISHED_CV[ds]
                 ax.errorbar([len(names) + 0.25], [mean], yerr=[[std], [std]], fmt="D", color="grey", capsize=3,
                             label="best published CV (mean ± std)")
+        cve = summary.get("cv_ensemble", {}).get(ds)
+        if cve and cve.get("folds"):
+            extra.append((f"full, {cve['folds']}-fold CV of the {len(cve['members'])}-recipe ensemble",
+                          cve["accuracy_mean"], cve["accuracy_ci95"], "mP"))
         ens = summary.get("ensemble", {}).get(ds)
         if ens:
             extra.append((f"full, {ens['members']}-member ensemble", ens["accuracy"], ens["accuracy_ci95"], "rs"))

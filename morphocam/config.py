@@ -183,8 +183,8 @@ def config_to_dict(cfg: Any) -> dict:
     def plain(v):
         if isinstance(v, Path):
             return str(v)
-        if isinstance(v, tuple):
-            return list(v)
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]  # a tuple of paths too: YAML and JSON take neither
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -141,6 +141,26 @@ def test_workers_share_the_cells_and_train_each_once(tmp_path, hushem_dir):
 
 
 @pytest.mark.slow
+def test_cv_of_an_ensemble_of_two_recipes_averages_their_fold_models(tmp_path, hushem_dir):
+    from dataclasses import replace
+
+    base = replace(smoke_config(tmp_path / "a", hushem_dir.parent), configs=(), folds=2, cv_datasets=("hushem",),
+                   arch="simplecnn", pretrained="none", limit_per_class=16, threads=1)
+    run_accuracy(base)
+    other = replace(base, output_dir=tmp_path / "b", epochs=2)
+    run_accuracy(other)
+    ens = run_accuracy(replace(base, cv_ensemble_with=(tmp_path / "b",)))["cv_ensemble"]["hushem"]
+    assert ens["folds"] == 2 and ens["folds_missing"] == []
+    for f, row in enumerate(ens["per_fold"]):
+        a, b = (np.load(d / "hushem" / "full" / f"fold{f}" / "test_predictions.npz") for d in (tmp_path / "a", tmp_path / "b"))
+        assert row["accuracy"] == pytest.approx(float(np.mean(((a["probs"] + b["probs"]) / 2).argmax(1) == a["labels"])))
+    # a fold missing in one member is left out and named
+    (tmp_path / "b" / "hushem" / "full" / "fold1" / "test_predictions.npz").unlink()
+    ens = run_accuracy(replace(base, cv_ensemble_with=(tmp_path / "b",)))["cv_ensemble"]["hushem"]
+    assert ens["folds"] == 1 and ens["folds_missing"] == [1]
+
+
+@pytest.mark.slow
 def test_linear_probe_uses_the_cv_folds_and_picks_c_on_validation(tmp_path, hushem_dir):
     from morphocam.benchmarks.probe import ProbeConfig, run as run_probe
     from morphocam.training.config import TrainConfig

@@ -15,10 +15,12 @@ bench() {
 }
 ALL=simplecnn,efficientnet,cbam,freeze_unfreeze,full
 ENS="--members 5 --member-datasets hushem"
+# every later summary also carries the CV of the Lite0 + Lite2 fold-model ensemble (from saved predictions)
+CVE="--cv-ensemble-with results/benchmarks/accuracy_lite2"
 bench --datasets hushem --configs full --folds 5 --cv-datasets hushem "$@"
 # Lever: ImageNet Lite2 weights instead of Lite0 at the same budget, compared by 5-fold CV (same folds)
 bench --datasets hushem --configs full --single-split false --folds 5 --cv-datasets hushem \
   --arch tf_efficientnet_lite2 --pretrained lite2 --output-dir results/benchmarks/accuracy_lite2 "$@"
-bench --datasets hushem --configs full --folds 5 --cv-datasets hushem $ENS "$@"
-bench --datasets hushem --configs "$ALL" --folds 5 --cv-datasets hushem $ENS "$@"
-bench --datasets hushem,smids --configs "$ALL" --folds 5 --cv-datasets hushem,smids $ENS "$@"
+bench --datasets hushem --configs full --folds 5 --cv-datasets hushem $ENS $CVE "$@"
+bench --datasets hushem --configs "$ALL" --folds 5 --cv-datasets hushem $ENS $CVE "$@"
+bench --datasets hushem,smids --configs "$ALL" --folds 5 --cv-datasets hushem,smids $ENS $CVE "$@"

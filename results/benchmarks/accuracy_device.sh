@@ -26,13 +26,14 @@ WORK="${WORK:-/tmp/morphocam}"
 PY="${PY:-python3}"          # the machine's Python, which holds its torch
 DEVICE="${DEVICE:-cuda}"     # cpu: a dry run of this script on a CPU machine (with tiny flags)
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
+touch "$WORK/started"  # checkpoints newer than this were trained by this call
 t0=$SECONDS
 if [ "${LINK_INSTALL:-0}" = 1 ] || ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-    >"$OUT/install.log" 2>&1; then
+    >"$WORK/install.log" 2>&1; then
   # No pip install possible: lay out the namespace that pyproject's package-dir mapping gives (morphocam/ with
   # the stage folders inside it) as links, and put it on the path.
-  echo "[device] pip install -e failed or skipped ($(tail -1 "$OUT/install.log" 2>/dev/null)); linking the packages instead"
+  echo "[device] pip install -e failed or skipped ($(tail -1 "$WORK/install.log" 2>/dev/null)); linking the packages instead"
   pkg="$WORK/pkg/morphocam"; rm -rf "$WORK/pkg"; mkdir -p "$pkg"
   for f in "$PWD"/morphocam/*; do ln -s "$f" "$pkg/"; done
   for d in training export serving clients benchmarks; do ln -s "$PWD/$d" "$pkg/$d"; done
@@ -66,7 +67,7 @@ for ds in hushem smids; do
   tar czf "$OUT/$(basename "$RESULTS")_$ds.tgz" --exclude='model.safetensors*' --exclude=train_state.pt \
     --exclude=.cell.lock "$RESULTS/$ds"
   ckpt="$RESULTS/$ds/full/single/model.safetensors"
-  [ -f "$ckpt" ] && [ "$ckpt" -nt "$OUT/install.log" ] && cp "$ckpt" "$OUT/${ds}_full_single.safetensors"
+  [ -f "$ckpt" ] && [ "$ckpt" -nt "$WORK/started" ] && cp "$ckpt" "$OUT/${ds}_full_single.safetensors"
 done
 tar czf "$OUT/$(basename "$RESULTS")_summary.tgz" "$RESULTS"/accuracy.json "$RESULTS"/accuracy.png "$RESULTS"/logs 2>/dev/null
 ls -la "$OUT"

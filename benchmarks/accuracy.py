@@ -161,7 +161,7 @@ def _train_cell(cfg: AccuracyConfig, out: Path, dataset: str, name: str, fold: i
 
 
 RECIPE_KEYS = ("arch", "pretrained", "input_size", "frozen_epochs", "epochs", "lr_head", "lr", "batch_size",
-               "mixup_alpha", "label_smoothing", "ema_decay")
+               "mixup_alpha", "label_smoothing", "ema_decay", "augment_on", "amp")
 
 
 def _recipe(run_dir: Path) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
-from morphocam.config import option
+from morphocam.config import config_to_dict, option, save_config
 from morphocam.datasets import datasets_root
 
 from .paper import PAPER_AUC, PAPER_TABLE, PUBLISHED_CV
@@ -229,7 +229,7 @@ def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int
             "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
-def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str, rows: list[dict]) -> dict:
+def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
     """Per CV fold, this benchmark's fold model averaged with the same fold's models of the folders in
     ``cfg.cv_ensemble_with`` (each scored the same test images: checked); folds missing anywhere are left
     out and counted. Every fold model trained without that fold's test images, so the average is a fair
@@ -256,8 +256,6 @@ def run_workers(cfg: AccuracyConfig) -> None:
 
     Each writes its log to ``<output_dir>/logs/worker<i>.log``; their summaries are partial (the summary
     pass after them writes the whole one)."""
-    from morphocam.config import save_config
-
     logs = cfg.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     conf = logs / "workers.yaml"
@@ -282,8 +280,6 @@ def run(cfg: AccuracyConfig) -> dict:
     if cfg.workers > 1:
         run_workers(cfg)
         cfg = replace(cfg, workers=1, busy="wait")
-    from morphocam.config import config_to_dict
-
     summary: dict = {"config": config_to_dict(cfg),
                      "single_split": {}, "cross_validation": {}, "ensemble": {}, "cv_ensemble": {}}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +321,7 @@ def run(cfg: AccuracyConfig) -> dict:
                       f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}", flush=True)
                 publish()
             if cfg.cv_ensemble_with:
-                summary["cv_ensemble"][dataset] = summarise_cv_ensemble(cfg, dataset, rows)
+                summary["cv_ensemble"][dataset] = summarise_cv_ensemble(cfg, dataset)
                 publish()
         if cfg.members > 1 and dataset in cfg.member_datasets:
             dirs, rows = [], []

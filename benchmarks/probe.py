@@ -21,7 +21,7 @@ import numpy as np
 
 from morphocam import plotting
 from morphocam.atomic import atomic_write_text
-from morphocam.config import option
+from morphocam.config import config_to_dict, option
 from morphocam.datasets import datasets_root
 from morphocam.machine import cpu_name
 
@@ -110,7 +110,7 @@ def run(cfg: ProbeConfig) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+    result = {"config": config_to_dict(cfg),
               "cpu": cpu_name(), "probes": {}}
     for name in cfg.weights:
         r = probe_weights(cfg, name)

@@ -23,7 +23,7 @@ from morphocam.config import add_options, config_from_args
 
 from .bundle import DEVICE_LIMIT_MIB, MIB, BundleError, PackConfig, UnpackConfig, pack, unpack
 from .data import DatasetError
-from .tree_size import TreeConfig, measure, report
+from .tree_size import TreeConfig, measure, repo_root, report
 
 
 def _pack(cfg: PackConfig) -> int:
@@ -42,8 +42,7 @@ def _pack(cfg: PackConfig) -> int:
 def _device_call_size(bundle: Path, bundle_bytes: int) -> str:
     """The whole device call with the bundle carried: the budget alone does not see the repository."""
     try:
-        repo = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True, capture_output=True,
-                                   text=True).stdout.strip())
+        repo = repo_root()
         inside = bundle.resolve().relative_to(repo.resolve()).as_posix()
     except (OSError, subprocess.CalledProcessError, ValueError):
         return "device call: not measured (no git checkout here, or the bundle lies outside it)"

@@ -206,12 +206,13 @@ def prepare_data(cfg: TrainConfig):
     print(f"[data] {cfg.data_dir}: {len(folder.samples)} images, classes {list(folder.classes)}; "
           f"split {split.counts()}; {folder.merged_groups} duplicate groups kept together; "
           f"{len(folder.dropped_conflicts)} images dropped as conflicting duplicates")
-    on_loader = cfg.augment and not augments_on_device(cfg, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    on_loader = cfg.augment and not augments_on_device(cfg, device)
     train_set = AugmentedImages(folder.images[split.train], folder.labels[split.train], on_loader)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          drop_last=len(train_set) > cfg.batch_size,
-                                         pin_memory=pick_device(cfg.device).type == "cuda")
+                                         pin_memory=device.type == "cuda")
     return folder, split, loader, gen
 
 

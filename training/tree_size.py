@@ -38,6 +38,11 @@ def _git(repo: Path, *args: str) -> list[str]:
     return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
 
 
+def repo_root() -> Path:
+    """The git checkout holding the current folder (raises CalledProcessError outside one)."""
+    return Path(_git(Path.cwd(), "rev-parse", "--show-toplevel")[0].strip())
+
+
 def _size(path: Path) -> Optional[int]:
     """Bytes that travel for one entry: a regular file's size, a link's own size; None if absent or a folder
     (a submodule travels without its files)."""
@@ -59,7 +64,7 @@ def _walk(folder: Path) -> list[Path]:
 def measure(cfg: TreeConfig) -> dict:
     """Sizes in bytes: total, per kind (tracked, untracked, shared/, each carried path), per top-level
     folder, and the largest files with their kind."""
-    repo = Path(cfg.repo) if cfg.repo else Path(_git(Path.cwd(), "rev-parse", "--show-toplevel")[0].strip())
+    repo = Path(cfg.repo) if cfg.repo else repo_root()
     entries: dict[str, tuple[int, str]] = {}  # relative path -> (bytes, kind)
     for kind, args in (("tracked", ("ls-files", "-z", "--cached")),
                        ("untracked", ("ls-files", "-z", "--others", "--exclude-standard"))):

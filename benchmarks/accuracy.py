@@ -15,6 +15,7 @@ images of 224 px), so on a GPU machine N runs side by side finish in about the t
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -254,23 +255,28 @@ def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
 def run_workers(cfg: AccuracyConfig) -> None:
     """Start ``cfg.workers`` copies of this benchmark that skip busy cells; wait for all of them.
 
-    Each writes its log to ``<output_dir>/logs/worker<i>.log``; their summaries are partial (the summary
-    pass after them writes the whole one)."""
+    Each writes its log to ``<output_dir>/logs/worker-<tag>-<i>.log``, ``tag`` naming this invocation's
+    settings, so that benchmarks with other flags started beside it on the same output folder (the GPU
+    script's groups) neither read its workers' settings nor write into their logs. Their summaries are
+    partial (the summary pass after them writes the whole one)."""
     logs = cfg.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    conf = logs / "workers.yaml"
-    save_config(replace(cfg, workers=1, busy="skip"), conf)
+    settings = replace(cfg, workers=1, busy="skip")
+    tag = hashlib.sha1(json.dumps(config_to_dict(settings), sort_keys=True).encode()).hexdigest()[:8]
+    conf = logs / f"workers-{tag}.yaml"
+    save_config(settings, conf)
     procs = []
     for i in range(cfg.workers):
-        log = open(logs / f"worker{i}.log", "a")
-        procs.append((i, log, subprocess.Popen(
+        path = logs / f"worker-{tag}-{i}.log"
+        log = open(path, "a")
+        procs.append((i, path, log, subprocess.Popen(
             [sys.executable, "-m", "morphocam.benchmarks.cli", "accuracy", "--config", str(conf)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})))
         time.sleep(2)  # staggered, so that the first cells are not all claimed in the same instant
-    for i, log, proc in procs:
+    for i, path, log, proc in procs:
         rc = proc.wait()
         log.close()
-        print(f"[worker {i}] exited with {rc} (log: {logs / f'worker{i}.log'})", flush=True)
+        print(f"[worker {i}] exited with {rc} (log: {path})", flush=True)
 
 
 def run(cfg: AccuracyConfig) -> dict:

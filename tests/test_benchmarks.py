@@ -125,7 +125,8 @@ def test_workers_share_the_cells_and_train_each_once(tmp_path, hushem_dir):
     cells = [tmp_path / "hushem" / "simplecnn" / "single", tmp_path / "hushem" / "full" / "fold0",
              tmp_path / "hushem" / "full" / "fold1"]
     assert all((c / "metrics.json").is_file() for c in cells)
-    logs = [(tmp_path / "logs" / f"worker{i}.log").read_text() for i in range(2)]
+    logs = [p.read_text() for p in sorted((tmp_path / "logs").glob("worker-*.log"))]
+    assert len(logs) == 2
     # every cell was trained by exactly one worker (a training prints its data line once), none twice
     trained = [line for log in logs for line in log.splitlines() if line.startswith("[data]")]
     assert len(trained) == len(cells), logs

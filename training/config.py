@@ -64,6 +64,8 @@ class TrainConfig:
     amp: str = option("mixed precision for training steps: 'auto' (bf16 autocast on CUDA, off on CPU, where "
                       "AVX2 machines have no bf16 units), 'bf16', 'off'; evaluation always runs in float32",
                       "auto", choices=("auto", "bf16", "off"))
+    cudnn_benchmark: bool = option("on CUDA, let cuDNN time its kernels for each new shape (pays only on long runs)",
+                                   False)
     progress: bool = option("progress bars", True)
     resume: Optional[Path] = option("continue the stopped run in this folder from its last finished epoch "
                                     "(its config.yaml supplies every other option)", None)

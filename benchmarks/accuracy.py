@@ -350,7 +350,7 @@ def run(cfg: AccuracyConfig) -> dict:
 def plot(summary: dict, path: Path) -> None:
     """Per dataset: each single-split row beside the paper's, then the CV mean and the ensemble (95% CIs)."""
     datasets = sorted(set(summary["single_split"]) | set(summary["cross_validation"]) | set(summary.get("ensemble", {})))
-    fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4), squeeze=False)
+    fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(9 * max(1, len(datasets)), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = summary["single_split"].get(ds, {})
         names = list(rows)
@@ -365,25 +365,28 @@ def plot(summary: dict, path: Path) -> None:
         extra = []
         cv = summary["cross_validation"].get(ds)
         if cv:
-            extra.append((f"full, {cv['folds']}-fold CV mean", cv["accuracy_mean"], cv["accuracy_ci95"], "kD"))
+            extra.append((f"full, {cv['folds']}-fold CV", f"{cv['folds']}-fold CV", cv["accuracy_mean"],
+                          cv["accuracy_ci95"], "kD"))
             if ds in PUBLISHED_CV:
                 mean, std = PUBLISHED_CV[ds]
                 ax.errorbar([len(names) + 0.25], [mean], yerr=[[std], [std]], fmt="D", color="grey", capsize=3,
                             label="best published CV (mean ± std)")
         cve = summary.get("cv_ensemble", {}).get(ds)
         if cve and cve.get("folds"):
-            extra.append((f"full, {cve['folds']}-fold CV of the {len(cve['members'])}-recipe ensemble",
-                          cve["accuracy_mean"], cve["accuracy_ci95"], "mP"))
+            extra.append((f"full, {cve['folds']}-fold CV of {len(cve['members'])} runs averaged",
+                          f"CV, {len(cve['members'])} runs", cve["accuracy_mean"], cve["accuracy_ci95"], "mP"))
         ens = summary.get("ensemble", {}).get(ds)
         if ens:
-            extra.append((f"full, {ens['members']}-member ensemble", ens["accuracy"], ens["accuracy_ci95"], "rs"))
-        for i, (label, value, ci, fmt) in enumerate(extra):
+            extra.append((f"full, {ens['members']} members averaged", f"{ens['members']} members", ens["accuracy"],
+                          ens["accuracy_ci95"], "rs"))
+        for i, (label, _, value, ci, fmt) in enumerate(extra):
             lo, hi = (value, value) if any(map(math.isnan, ci)) else (max(ci[0], 0.0), min(ci[1], 1.0))
             ax.errorbar([len(names) + i], [value], yerr=[[value - lo], [hi - value]], fmt=fmt, capsize=3, label=label)
-        ax.set_xticks(np.arange(len(names) + len(extra)), names + [e[0].split(", ", 1)[1] for e in extra], rotation=20)
+        # the long labels of the extra points live in the legend; the ticks keep short names
+        ax.set_xticks(np.arange(len(names) + len(extra)), names + [e[1] for e in extra], rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds}: test accuracy")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     plotting.save(fig, path)
 
 

@@ -115,6 +115,28 @@ def test_a_cell_held_by_another_process_is_skipped_not_trained_twice(tmp_path, h
         assert not (out / "metrics.json").exists() and not (out / "config.yaml").exists()
 
 
+def test_benchmarks_beside_each_other_keep_their_own_worker_settings(tmp_path, hushem_dir):
+    """Two benchmarks with other flags started side by side on one output folder (the GPU script's groups):
+    each one's workers run its own settings and write their own logs (a shared settings file once made
+    one group's workers train the other's cells)."""
+    import threading
+    from dataclasses import replace
+
+    import yaml
+
+    base = replace(smoke_config(tmp_path, hushem_dir.parent), workers=2, threads=1, train=False)
+    a, b = replace(base, configs=("simplecnn",)), replace(base, configs=("full",), folds=2)
+    threads = [threading.Thread(target=run_accuracy, args=(c,)) for c in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    settings = sorted((tmp_path / "logs").glob("workers-*.yaml"))
+    assert len(settings) == 2
+    assert sorted(tuple(yaml.safe_load(p.read_text())["configs"]) for p in settings) == [("full",), ("simplecnn",)]
+    assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 4
+
+
 @pytest.mark.slow
 def test_workers_share_the_cells_and_train_each_once(tmp_path, hushem_dir):
     from dataclasses import replace

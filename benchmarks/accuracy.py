@@ -60,6 +60,8 @@ class AccuracyConfig:
     single_split: bool = option("run each config on the single 70/15/15 split (false: only the "
                                 "cross-validation and ensemble cells, e.g. to compare a backbone by CV first)", True)
     folds: int = option("k for the cross-validation of the full model (0 = none)", 5)
+    cv_config: str = option("the ablation row the k-fold cross-validation trains (the paper's recipe: full)", "full",
+                            choices=tuple(ABLATION))
     cv_datasets: tuple[str, ...] = option("datasets that also get the k-fold cross-validation (an SMIDS fold "
                                           "costs as much as its whole single-split row)", ("hushem",))
     members: int = option("k for the cross-validated ensemble of the full model on the single split: k members "
@@ -230,6 +232,15 @@ def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int
             "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
+def _cv_config_of(output_dir: Path) -> str:
+    """The ablation row another accuracy folder cross-validated (its ``accuracy.json``; before the option
+    existed every CV trained the full recipe)."""
+    path = output_dir / "accuracy.json"
+    if not path.is_file():
+        return "full"
+    return json.loads(path.read_text()).get("config", {}).get("cv_config", "full")
+
+
 def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
     """Per CV fold, this benchmark's fold model averaged with the same fold's models of the folders in
     ``cfg.cv_ensemble_with`` (each scored the same test images: checked); folds missing anywhere are left
@@ -237,7 +248,8 @@ def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
     CV of the ensemble."""
     folds, missing = [], []
     for f in range(cfg.folds):
-        dirs = [run_dir(cfg, dataset, "full", f)] + [Path(o) / dataset / "full" / f"fold{f}" for o in cfg.cv_ensemble_with]
+        dirs = [run_dir(cfg, dataset, cfg.cv_config, f)] + [
+            Path(o) / dataset / _cv_config_of(Path(o)) / f"fold{f}" for o in cfg.cv_ensemble_with]
         if not all((d / "test_predictions.npz").is_file() for d in dirs):
             missing.append(f)
             continue
@@ -312,16 +324,17 @@ def run(cfg: AccuracyConfig) -> dict:
         if cfg.folds > 1 and dataset in cfg.cv_datasets:
             rows = []
             for f in range(cfg.folds):
-                result = run_config(cfg, dataset, "full", f)
+                result = run_config(cfg, dataset, cfg.cv_config, f)
                 if result is None:
                     continue
-                rows.append(_row(result, run_dir(cfg, dataset, "full", f)))
+                rows.append(_row(result, run_dir(cfg, dataset, cfg.cv_config, f)))
                 cv = summarise_folds(rows)
                 cv["folds_planned"] = cfg.folds
+                cv["config"] = cfg.cv_config
                 if dataset in PUBLISHED_CV:
                     cv["published_cv_accuracy_mean_std"] = list(PUBLISHED_CV[dataset])
                 summary["cross_validation"][dataset] = cv
-                print(f"{dataset:7s} full fold {f}: acc {rows[-1]['accuracy']:.4f}; {len(rows)}/{cfg.folds} folds: "
+                print(f"{dataset:7s} {cfg.cv_config} fold {f}: acc {rows[-1]['accuracy']:.4f}; {len(rows)}/{cfg.folds} folds: "
                       f"acc {cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f} "
                       f"(95% CI {cv['accuracy_ci95'][0]:.3f}-{cv['accuracy_ci95'][1]:.3f}), "
                       f"F1 {cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}", flush=True)
@@ -364,8 +377,9 @@ def plot(summary: dict, path: Path) -> None:
             ax.bar((x + 0.2).tolist(), [rows[n]["paper_accuracy"] for n in names], 0.4, label="paper")
         extra = []
         cv = summary["cross_validation"].get(ds)
+        cv_row = (cv or {}).get("config", "full")
         if cv:
-            extra.append((f"full, {cv['folds']}-fold CV", f"{cv['folds']}-fold CV", cv["accuracy_mean"],
+            extra.append((f"{cv_row}, {cv['folds']}-fold CV", f"{cv['folds']}-fold CV", cv["accuracy_mean"],
                           cv["accuracy_ci95"], "kD"))
             if ds in PUBLISHED_CV:
                 mean, std = PUBLISHED_CV[ds]
@@ -373,7 +387,7 @@ def plot(summary: dict, path: Path) -> None:
                             label="best published CV (mean ± std)")
         cve = summary.get("cv_ensemble", {}).get(ds)
         if cve and cve.get("folds"):
-            extra.append((f"full, {cve['folds']}-fold CV of {len(cve['members'])} runs averaged",
+            extra.append((f"{cv_row}, {cve['folds']}-fold CV of {len(cve['members'])} runs averaged",
                           f"CV, {len(cve['members'])} runs", cve["accuracy_mean"], cve["accuracy_ci95"], "mP"))
         ens = summary.get("ensemble", {}).get(ds)
         if ens:

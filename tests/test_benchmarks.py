@@ -170,15 +170,18 @@ def test_cv_of_an_ensemble_of_two_recipes_averages_their_fold_models(tmp_path, h
     base = replace(smoke_config(tmp_path / "a", hushem_dir.parent), configs=(), folds=2, cv_datasets=("hushem",),
                    arch="simplecnn", pretrained="none", limit_per_class=16, threads=1)
     run_accuracy(base)
-    other = replace(base, output_dir=tmp_path / "b", epochs=2)
-    run_accuracy(other)
+    # the other folder cross-validates another ablation row (--cv-config): its fold models are found by it
+    other = replace(base, output_dir=tmp_path / "b", epochs=2, cv_config="efficientnet")
+    assert run_accuracy(other)["cross_validation"]["hushem"]["config"] == "efficientnet"
+    assert (tmp_path / "b" / "hushem" / "efficientnet" / "fold1" / "metrics.json").is_file()
     ens = run_accuracy(replace(base, cv_ensemble_with=(tmp_path / "b",)))["cv_ensemble"]["hushem"]
     assert ens["folds"] == 2 and ens["folds_missing"] == []
     for f, row in enumerate(ens["per_fold"]):
-        a, b = (np.load(d / "hushem" / "full" / f"fold{f}" / "test_predictions.npz") for d in (tmp_path / "a", tmp_path / "b"))
+        a, b = (np.load(tmp_path / d / "hushem" / row / f"fold{f}" / "test_predictions.npz")
+                for d, row in (("a", "full"), ("b", "efficientnet")))
         assert row["accuracy"] == pytest.approx(float(np.mean(((a["probs"] + b["probs"]) / 2).argmax(1) == a["labels"])))
     # a fold missing in one member is left out and named
-    (tmp_path / "b" / "hushem" / "full" / "fold1" / "test_predictions.npz").unlink()
+    (tmp_path / "b" / "hushem" / "efficientnet" / "fold1" / "test_predictions.npz").unlink()
     ens = run_accuracy(replace(base, cv_ensemble_with=(tmp_path / "b",)))["cv_ensemble"]["hushem"]
     assert ens["folds"] == 1 and ens["folds_missing"] == [1]
 

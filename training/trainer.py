@@ -290,8 +290,9 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     if device.type == "cuda":
-        # Autotuning pays back only on long runs: on the H200 the first epoch of each stage took 20-30 s
-        # with it (then ~1-5 s an epoch), most of a HuSHem run's cost. Off by default, cuDNN's heuristics pick.
+        # Autotuning pays back only on long runs: on the H200 the first epoch of each stage took 22-42 s with
+        # it (SMIDS; later epochs 2.5-5 s) against 3-12 s without (HuSHem) -- a HuSHem run's whole budget is
+        # ~50 s. Off by default (cuDNN's heuristics pick); --cudnn-benchmark for long runs.
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     out = cfg.output_dir
     if cfg.resume is not None and Path(cfg.resume).resolve() != out.resolve():

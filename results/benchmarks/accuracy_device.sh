@@ -4,12 +4,12 @@
 # Here, first (see the README, "Accuracy on a GPU machine"):
 #   morphocam-bundle pack                          # datasets as lossless WebP + offline ImageNet weights -> device_bundle/
 #   results/benchmarks/device_tree.sh slim         # the tree that travels drops to ~1 MB + the bundle
-# Then the device tool's run, e.g. (each quoted argument is one group of `morphocam-bench accuracy` flags):
-#   command: BUDGET_S=450 results/benchmarks/accuracy_device.sh \
-#              "--datasets smids --configs full --folds 5 --cv-datasets smids --workers 6" \
-#              "--datasets hushem --folds 5 --cv-datasets hushem --workers 3" \
-#              "after:1 --datasets smids --configs cbam,efficientnet --folds 0 --workers 2"
+# Then the device tool's run (each quoted argument is one group of `morphocam-bench accuracy` flags), e.g.
+# SMIDS's six full-recipe cells, which alone fill one 600 s call (six at a time: ~5 s an epoch each on the H200):
+#   command: BUDGET_S=520 REPRO=0 SUMMARY="--datasets smids --configs full --folds 5 --cv-datasets smids" \
+#            results/benchmarks/accuracy_device.sh "--datasets smids --configs full --folds 5 --cv-datasets smids --workers 6"
 #   carry:   ["device_bundle"]                     timeout_s: 600
+# or groups in order of need, e.g. "... --workers 6" "after:1 --datasets smids --configs cbam --folds 0".
 # And after it: results/benchmarks/device_tree.sh restore; unpack $OUT's archive over the repository.
 #
 # There: installs this checkout without dependencies (the machine's own torch/timm/numpy serve), restores

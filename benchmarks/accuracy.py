@@ -186,6 +186,9 @@ def _row(result: dict, run_dir: Path | None = None) -> dict:
             "train_seconds": result.get("train_seconds"), "seconds_per_epoch": result.get("seconds_per_epoch"),
             "cpu": result.get("cpu"), "device": result.get("device"),
             "accuracy_tta": result.get("test_tta", {}).get("accuracy"),
+            # validation accuracy with and without TTA: the CV summary decides TTA on these, not on test
+            "n_val": result.get("val", {}).get("n"), "val_accuracy": result.get("val", {}).get("accuracy"),
+            "val_accuracy_tta": result.get("val_tta", {}).get("accuracy"),
             "accuracy_last_epoch": result.get("test_last_epoch", {}).get("accuracy"),
             "best_epoch": result.get("best_epoch"),
             "weights": result["weights"], "arch": result["arch"], "cbam": result["cbam"],
@@ -209,7 +212,25 @@ def summarise_folds(rows: list[dict]) -> dict:
     return {"folds": k, "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if k > 1 else 0.0,
             "accuracy_ci95": [float(acc.mean() - half(acc)), float(acc.mean() + half(acc))],
             "macro_f1_mean": float(f1.mean()), "macro_f1_std": float(f1.std(ddof=1)) if k > 1 else 0.0,
-            "macro_f1_ci95": [float(f1.mean() - half(f1)), float(f1.mean() + half(f1))], "per_fold": rows}
+            "macro_f1_ci95": [float(f1.mean() - half(f1)), float(f1.mean() + half(f1))],
+            **_tta_on_validation(rows), "per_fold": rows}
+
+
+def _tta_on_validation(rows: list[dict]) -> dict:
+    """Whether test-time augmentation is used, decided on the folds' validation images pooled (TTA only if
+    it is strictly better there), and the CV's test accuracy under that decision. Test accuracy with TTA is
+    reported beside it, but never decides: choosing TTA because it scored better on test would leak."""
+    keys = ("n_val", "val_accuracy", "val_accuracy_tta", "accuracy_tta")
+    if not rows or any(r.get(k) is None for r in rows for k in keys):
+        return {}
+    n = sum(r["n_val"] for r in rows)
+    val = sum(r["n_val"] * r["val_accuracy"] for r in rows) / n
+    val_tta = sum(r["n_val"] * r["val_accuracy_tta"] for r in rows) / n
+    chosen = val_tta > val
+    test = [r["accuracy_tta" if chosen else "accuracy"] for r in rows]
+    return {"tta": {"n_val": n, "val_accuracy": val, "val_accuracy_tta": val_tta, "chosen_on_val": chosen,
+                    "accuracy_tta_mean": float(np.mean([r["accuracy_tta"] for r in rows])),
+                    "accuracy_mean_as_chosen": float(np.mean(test))}}
 
 
 def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int) -> dict:
@@ -232,13 +253,15 @@ def summarise_ensemble(run_dirs: list[Path], classes: tuple[str, ...], seed: int
             "member_accuracy_mean": float(np.mean(members)), "correct": int(round(metrics["accuracy"] * n))}
 
 
-def _cv_config_of(output_dir: Path) -> str:
-    """The ablation row another accuracy folder cross-validated (its ``accuracy.json``; before the option
-    existed every CV trained the full recipe)."""
+def _cv_config_of(output_dir: Path, dataset: str) -> str:
+    """The ablation row another accuracy folder cross-validated on ``dataset`` (its ``accuracy.json``; before
+    the option existed every CV trained the full recipe)."""
     path = output_dir / "accuracy.json"
     if not path.is_file():
         return "full"
-    return json.loads(path.read_text()).get("config", {}).get("cv_config", "full")
+    summary = json.loads(path.read_text())
+    return summary.get("cross_validation", {}).get(dataset, {}).get(
+        "config", summary.get("config", {}).get("cv_config", "full"))
 
 
 def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
@@ -249,7 +272,7 @@ def summarise_cv_ensemble(cfg: AccuracyConfig, dataset: str) -> dict:
     folds, missing = [], []
     for f in range(cfg.folds):
         dirs = [run_dir(cfg, dataset, cfg.cv_config, f)] + [
-            Path(o) / dataset / _cv_config_of(Path(o)) / f"fold{f}" for o in cfg.cv_ensemble_with]
+            Path(o) / dataset / _cv_config_of(Path(o), dataset) / f"fold{f}" for o in cfg.cv_ensemble_with]
         if not all((d / "test_predictions.npz").is_file() for d in dirs):
             missing.append(f)
             continue
@@ -291,6 +314,18 @@ def run_workers(cfg: AccuracyConfig) -> None:
         print(f"[worker {i}] exited with {rc} (log: {path})", flush=True)
 
 
+SECTIONS = ("single_split", "cross_validation", "ensemble", "cv_ensemble")
+
+
+def _landed_summary(output_dir: Path) -> dict:
+    """The folder's ``accuracy.json`` as earlier invocations left it: an invocation that runs a few rows
+    (one dataset, one recipe) updates those entries and keeps the others, so the file always summarises
+    everything that has landed in the folder, whichever invocation trained it."""
+    path = output_dir / "accuracy.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {section: dict(old.get(section, {})) for section in SECTIONS}
+
+
 def run(cfg: AccuracyConfig) -> dict:
     """Run (or resume, or reuse) every cell; ``accuracy.json`` and the plot are rewritten after each
     finished cell, so a stopped benchmark leaves a summary of what has landed. With ``cfg.workers > 1``
@@ -298,8 +333,7 @@ def run(cfg: AccuracyConfig) -> dict:
     if cfg.workers > 1:
         run_workers(cfg)
         cfg = replace(cfg, workers=1, busy="wait")
-    summary: dict = {"config": config_to_dict(cfg),
-                     "single_split": {}, "cross_validation": {}, "ensemble": {}, "cv_ensemble": {}}
+    summary = {"config": config_to_dict(cfg), **_landed_summary(cfg.output_dir)}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     def publish() -> None:
@@ -366,7 +400,8 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plotting.subplots(1, max(1, len(datasets)), figsize=(9 * max(1, len(datasets)), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = summary["single_split"].get(ds, {})
-        names = list(rows)
+        # the ablation's order, whichever invocation landed each row
+        names = sorted(rows, key=lambda n: list(ABLATION).index(n) if n in ABLATION else len(ABLATION))
         x = np.arange(len(names))
         if names:
             err = np.array([[rows[n]["accuracy"] - rows[n]["accuracy_ci95"][0] for n in names],

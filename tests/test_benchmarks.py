@@ -46,6 +46,22 @@ def test_fold_summary_statistics():
     assert s["accuracy_ci95"][1] - 0.9 == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
 
 
+def _fold(val, val_tta, test, test_tta, n_val=20):
+    return {"accuracy": test, "macro_f1": test, "accuracy_tta": test_tta, "n_val": n_val,
+            "val_accuracy": val, "val_accuracy_tta": val_tta}
+
+
+@pytest.mark.parametrize("val_tta_gain", [-0.05, 0.0, 0.05])
+def test_cv_decides_tta_on_validation_not_on_test(val_tta_gain):
+    # TTA scores better on every test fold; only the pooled validation images may turn it on
+    rows = [_fold(0.8, 0.8 + val_tta_gain, 0.8, 0.9), _fold(0.9, 0.9 + val_tta_gain, 0.7, 0.8, n_val=30)]
+    tta = summarise_folds(rows)["tta"]
+    assert tta["n_val"] == 50 and tta["val_accuracy"] == pytest.approx((20 * 0.8 + 30 * 0.9) / 50)
+    assert tta["chosen_on_val"] is (val_tta_gain > 0)
+    assert tta["accuracy_tta_mean"] == pytest.approx(0.85)
+    assert tta["accuracy_mean_as_chosen"] == pytest.approx(0.85 if val_tta_gain > 0 else 0.75)
+
+
 @pytest.mark.slow
 def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
     cfg = smoke_config(tmp_path, hushem_dir.parent)
@@ -61,6 +77,11 @@ def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
     mtime = (tmp_path / "hushem" / "simplecnn" / "single" / "metrics.json").stat().st_mtime
     run_accuracy(cfg)
     assert (tmp_path / "hushem" / "simplecnn" / "single" / "metrics.json").stat().st_mtime == mtime
+    assert json.loads((tmp_path / "accuracy.json").read_text())["single_split"]["hushem"]["simplecnn"] == row
+    # an invocation that runs other rows (here: none) keeps what earlier invocations landed in the folder
+    from dataclasses import replace
+
+    run_accuracy(replace(cfg, configs=(), datasets=("smids",)))
     assert json.loads((tmp_path / "accuracy.json").read_text())["single_split"]["hushem"]["simplecnn"] == row
 
 

@@ -231,13 +231,16 @@ def fit(cfg: TrainConfig, model: MorphoNet, ema, loader, gen: torch.Generator, v
     (the EMA average when on). ``resumed`` carries the optimiser/scheduler state of the stage the
     stopped run was in."""
     evaluated = ema.module if ema is not None else model
+    # The stage whose optimiser/scheduler the saved state holds, fixed before the loop: run.stage_index moves
+    # on when a stage ends, and the next stage's fresh optimiser must not be handed the previous one's state.
+    resume_stage = run.stage_index if resumed is not None and resumed.get("optimizer") is not None else None
     for si, (stage, n_epochs, lr) in enumerate(plan_stages(cfg)):
         if si < run.stage_index or n_epochs == 0:
             continue
         params = set_stage(model, stage)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, n_epochs * len(loader)))
-        if resumed is not None and resumed.get("optimizer") is not None and si == run.stage_index:
+        if si == resume_stage:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
         for e in range(run.epoch_in_stage, n_epochs):

@@ -45,6 +45,7 @@ class TrustBenchConfig:
     output_dir: Path = option("where trust.json and the PNGs go", Path("results/benchmarks/trust"))
     coverage: float = option("conformal coverage (as the exporter's --coverage)", 0.9)
     ood_acceptance: float = option("in-domain acceptance of the OOD threshold (as --ood-acceptance)", 0.95)
+    ood_stage: int = option("backbone stage of the second OOD distance (as the exporter's --ood-stage; -1: none)", 6)
     cross_images: int = option("frames of the other dataset used as out-of-domain", 400)
     corruption_images: int = option("test frames per corruption and severity (seeded, class-balanced)", 200)
     knn_k: int = option("k of the feature-kNN baseline", 1)
@@ -67,7 +68,8 @@ def _other_dataset_frames(root: Path, dataset: str, size: tuple[int, int], n: in
 
 
 def _score_methods(params, parts, knn_k: int) -> dict:
-    """Every candidate OOD score as a function (features, logits) -> score (higher = more out-of-domain)."""
+    """Every candidate OOD score as a function (features, logits, stage features) -> score (higher = more
+    out-of-domain); the served one first, then its two parts alone when it combines a stage."""
     from morphocam.export import trust_math as TM
 
     tr = parts["train"]
@@ -78,16 +80,21 @@ def _score_methods(params, parts, knn_k: int) -> dict:
     prec = LedoitWolf(assume_centered=True).fit(tr.features - means[tr.labels]).precision_
     white = np.linalg.cholesky(prec)
 
-    def maha_raw(f, lo):
+    def maha_raw(f, lo, st):
         g, m = f @ white, means @ white
         return np.sqrt(((g[:, None] - m[None]) ** 2).sum(-1).min(1))
 
+    served = ({"mahalanobis_l2 (served)": lambda f, lo, st: params.ood_combined(f, st)}
+              if params.ood_stage_fit is None else
+              {f"mahalanobis_l2 final + stage {params.ood_stage} (served)": lambda f, lo, st: params.ood_combined(f, st),
+               "mahalanobis_l2 final features only": lambda f, lo, st: params.ood.distance(f),
+               f"mahalanobis_l2 stage {params.ood_stage} only": lambda f, lo, st: params.ood_stage_fit.distance(st)})
     return {
-        "mahalanobis_l2 (served)": lambda f, lo: params.ood.distance(f),
+        **served,
         "mahalanobis_raw": maha_raw,
-        f"knn_cosine_k{knn_k}": lambda f, lo: TM.knn_distance(f, tr.features, knn_k),
-        "energy": lambda f, lo: TM.energy_score(lo, params.temperature),
-        "max_softmax": lambda f, lo: -TM.softmax(lo, params.temperature).max(1),
+        f"knn_cosine_k{knn_k}": lambda f, lo, st: TM.knn_distance(f, tr.features, knn_k),
+        "energy": lambda f, lo, st: TM.energy_score(lo, params.temperature),
+        "max_softmax": lambda f, lo, st: -TM.softmax(lo, params.temperature).max(1),
     }
 
 
@@ -166,7 +173,7 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
     ds = contract.dataset
     print(f"[trust] {ds}: fitting as the exporter does ({checkpoint})", flush=True)
     params, parts = fit_trust(net, meta, root, contract, cfg.coverage, cfg.ood_acceptance,
-                              log=lambda m: print(f"[trust] {m.strip()}", flush=True))
+                              log=lambda m: print(f"[trust] {m.strip()}", flush=True), ood_stage=cfg.ood_stage)
     test = parts["test"]
     size = (contract.height, contract.width)
 
@@ -191,20 +198,22 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
     cross, cross_what = _other_dataset_frames(root, ds, size, cfg.cross_images)
     empties = empty_frames(*size)
     ood_sets = {"other_dataset": cross, **empties}
-    feats = {name: pooled_features(net, frames, contract) for name, frames in ood_sets.items() if len(frames)}
+    feats = {name: pooled_features(net, frames, contract, stage=params.ood_stage)
+             for name, frames in ood_sets.items() if len(frames)}
     methods = _score_methods(params, parts, cfg.knn_k)
     comparison = {}
     for mname, fn in methods.items():
-        s_in = fn(test.features, test.logits)
+        s_in = fn(test.features, test.logits, test.stage)
         row = {}
-        for oname, (f, lo) in feats.items():
-            auroc, fpr = TM.auroc_fpr95(s_in, fn(f, lo))
+        for oname, (f, lo, st) in feats.items():
+            auroc, fpr = TM.auroc_fpr95(s_in, fn(f, lo, st))
             row[oname] = {"auroc": auroc, "fpr_at_95_tpr": fpr}
         row["blank_and_noise"] = dict(zip(("auroc", "fpr_at_95_tpr"), TM.auroc_fpr95(
             s_in, np.concatenate([fn(*feats[k]) for k in empties]))))
         comparison[mname] = row
-    served = {name: float(np.mean(params.ood.distance(f) / params.ood_threshold > 1.0)) for name, (f, _) in feats.items()}
-    served["test_in_domain"] = float(np.mean(params.ood.distance(test.features) / params.ood_threshold <= 1.0))
+    served = {name: float(np.mean(params.ood_combined(f, st) / params.ood_threshold > 1.0))
+              for name, (f, _, st) in feats.items()}
+    served["test_in_domain"] = float(np.mean(params.ood_combined(test.features, test.stage) / params.ood_threshold <= 1.0))
     result["ood"] = {"other_dataset": cross_what, "empty_frames_per_kind": int(len(empties["blank"])),
                      "comparison": comparison, "served_flag_rate": served,
                      "threshold": params.ood_threshold, "acceptance": cfg.ood_acceptance}
@@ -225,7 +234,7 @@ def run_one(cfg: TrustBenchConfig, checkpoint: Path) -> dict:
                 corr[f"{name}/{s}"] = _set_stats(_run_graph(sess, corrupt(images, name, s)), labels)
         result["corruptions"] = {"images": int(len(chosen)), "rows": corr}
         # the served graph must agree with the reference maths on the clean frames
-        ref = params.reference(*pooled_features(net, images, contract))
+        ref = params.reference(*pooled_features(net, images, contract, stage=params.ood_stage))
         result["graph_vs_reference"] = {
             "max_abs_prob_diff": float(np.abs(clean[OUTPUT_PROBABILITIES] - ref[OUTPUT_PROBABILITIES]).max()),
             "max_abs_ood_diff": float(np.abs(clean[OUTPUT_OOD_SCORE] - ref[OUTPUT_OOD_SCORE]).max()),
@@ -284,15 +293,16 @@ def _plot(res: dict, path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| dataset | T | ECE test before -> after | coverage (95% CI), nominal | mean set size | "
-             "AUROC other dataset / blank+noise (served) | test frames in-domain | added CPU ms/image, 1 thread "
-             "(batch 1 / N) |", "|---|---|---|---|---|---|---|---|"]
+             "AUROC other dataset / blank+noise (served) | flagged: other dataset | test frames in-domain | "
+             "added CPU ms/image, 1 thread (batch 1 / N) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c, k, o, lat = r["calibration"], r["conformal"], r["ood"], r["latency"]
-        served = o["comparison"]["mahalanobis_l2 (served)"]
+        served = next(v for name, v in o["comparison"].items() if name.endswith("(served)"))
         lines.append(f"| {r['dataset']} | {c['temperature']:.2f} | {c['ece_before']:.3f} -> {c['ece_after']:.3f} | "
                      f"{k['coverage']:.3f} ({k['coverage_ci95'][0]:.2f}-{k['coverage_ci95'][1]:.2f}), {k['nominal']:.2f} | "
                      f"{k['mean_set_size']:.2f} | {served.get('other_dataset', {}).get('auroc', float('nan')):.3f} / "
-                     f"{served['blank_and_noise']['auroc']:.3f} | {o['served_flag_rate']['test_in_domain']:.3f} | "
+                     f"{served['blank_and_noise']['auroc']:.3f} | {o['served_flag_rate'].get('other_dataset', float('nan')):.3f} | "
+                     f"{o['served_flag_rate']['test_in_domain']:.3f} | "
                      f"{lat['added_cpu_ms_per_image_batch_1']:+.2f} / "
                      f"{lat['added_cpu_ms_per_image_batch_' + str(lat['batch'])]:+.2f} |")
     return "\n".join(lines)

@@ -51,6 +51,10 @@ class ExportConfig:
     coverage: float = option("conformal prediction-set coverage (1 - alpha)", 0.9)
     ood_acceptance: float = option("share of in-domain validation frames IN_DOMAIN must accept (sets the OOD threshold)",
                                    0.95)
+    ood_stage: int = option("backbone stage whose pooled activations get a second OOD distance beside the final "
+                            "features' (acquisition shift: other microscope, stain, resolution); -1 = final features "
+                            "only; ignored for backbones without stages (simplecnn); 6 = the last stage of "
+                            "EfficientNet-Lite0/B0 (stage choice: README, Trust)", 6)
     # engine / precision choice (cpu target)
     engine: str = option(f"CPU engine: {' | '.join(ENGINES)} (auto = fastest within the accuracy bound)", "auto")
     precision: str = option(f"CPU precision: {' | '.join(PRECISIONS)}", "auto")

@@ -5,8 +5,8 @@
 the same as :func:`morphocam.preprocess.normalise`, so parity is exact up to float rounding.
 
 With fitted :class:`~morphocam.export.trust_fit.TrustParams` the same graph also returns, from the
-pooled features the head already computes (cost: one 1280 x 1280 matmul and a K x K comparison per
-frame, ~1 % of the network), ``OOD_SCORE`` FP32 [N, 1], ``IN_DOMAIN`` BOOL [N, 1] and
+pooled features the head already computes and (``ood_stage``) one backbone stage's pooled activations
+(cost: a 1280 x 1280 and a small matmul and a K x K comparison per frame, ~1-3 % of the network), ``OOD_SCORE`` FP32 [N, 1], ``IN_DOMAIN`` BOOL [N, 1] and
 ``PREDICTION_SET`` BOOL [N, K] — maths in :mod:`morphocam.export.trust_math`. Everything is in
 the graph so that every engine (Python backend, Triton's ONNX Runtime backend, TensorRT) returns it.
 """
@@ -24,6 +24,7 @@ from morphocam.contract import (INPUT_NAME, OUTPUT_IN_DOMAIN, OUTPUT_LOGITS, OUT
                                 OUTPUT_PREDICTION_SET, OUTPUT_PROBABILITIES, InputContract)
 
 from .errors import ExportError
+from .stage_features import forward_with_stage
 
 OUTPUT_NAMES = (OUTPUT_LOGITS, OUTPUT_PROBABILITIES)
 TRUST_OUTPUT_NAMES = OUTPUT_NAMES + (OUTPUT_OOD_SCORE, OUTPUT_IN_DOMAIN, OUTPUT_PREDICTION_SET)
@@ -44,8 +45,22 @@ class DeployableModel(torch.nn.Module):
             # class means pre-multiplied by the whitener: one matmul per frame at run time
             self.register_buffer("white_means", torch.tensor(trust.ood.means @ trust.ood.whitener, dtype=torch.float32))
             self.inv_temperature = float(1.0 / trust.temperature)
-            self.inv_threshold = float(1.0 / trust.ood_threshold)
+            # each distance is scaled by 1 / (its own validation scale * the combined threshold)
+            self.inv_threshold = float(1.0 / (trust.ood_threshold * trust.ood_scale))
+            self.stage = trust.ood_stage if trust.ood_stage_fit is not None else None
+            if self.stage is not None:
+                fit = trust.ood_stage_fit
+                self.register_buffer("stage_whitener", torch.tensor(fit.whitener, dtype=torch.float32))
+                self.register_buffer("stage_white_means", torch.tensor(fit.means @ fit.whitener, dtype=torch.float32))
+                self.stage_inv_threshold = float(1.0 / (trust.ood_threshold * trust.ood_stage_scale))
             self.qhat, self.lam, self.k_reg = float(trust.qhat), float(trust.lam), float(trust.k_reg)
+
+    @staticmethod
+    def _nearest_mean_distance(feats: torch.Tensor, whitener: torch.Tensor, white_means: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance [N, 1] of L2-normalised features to the nearest class mean (trust_math.Mahalanobis)."""
+        unit = feats / torch.linalg.vector_norm(feats, dim=1, keepdim=True).clamp_min(1e-12)
+        d2 = ((unit @ whitener).unsqueeze(1) - white_means.unsqueeze(0)).pow(2).sum(-1)
+        return torch.sqrt(d2.min(dim=1, keepdim=True).values)
 
     def forward(self, images: torch.Tensor):
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
@@ -53,12 +68,17 @@ class DeployableModel(torch.nn.Module):
             logits = self.net((x - self.mean) / self.std)
             return logits, torch.softmax(logits, dim=-1)
         # MorphoNet.forward split where the pooled features appear (dropout is the identity in eval)
-        pooled = torch.flatten(self.net.pool(self.net.forward_features((x - self.mean) / self.std)), 1)
+        x = (x - self.mean) / self.std
+        if self.stage is None:
+            pooled, tapped = torch.flatten(self.net.pool(self.net.forward_features(x)), 1), None
+        else:
+            pooled, tapped = forward_with_stage(self.net, x, self.stage)
         logits = self.net.head(pooled)
         probs = torch.softmax(logits * self.inv_temperature, dim=-1)
-        unit = pooled / torch.linalg.vector_norm(pooled, dim=1, keepdim=True).clamp_min(1e-12)
-        d2 = ((unit @ self.whitener).unsqueeze(1) - self.white_means.unsqueeze(0)).pow(2).sum(-1)
-        ood = torch.sqrt(d2.min(dim=1, keepdim=True).values) * self.inv_threshold
+        ood = self._nearest_mean_distance(pooled, self.whitener, self.white_means) * self.inv_threshold
+        if tapped is not None:
+            ood = torch.maximum(ood, self._nearest_mean_distance(tapped, self.stage_whitener, self.stage_white_means)
+                                * self.stage_inv_threshold)
         # RAPS without a sort (trust_math.set_scores): mass ranked strictly above each class + rank penalty
         higher = (probs.unsqueeze(1) > probs.unsqueeze(2)).to(probs.dtype)  # [n, k, j] = p_j > p_k
         above = (probs.unsqueeze(1) * higher).sum(-1)

@@ -77,10 +77,10 @@ def _check_trust_parity(net, onnx_file: Path, images: np.ndarray, contract: Inpu
     from .trust_fit import pooled_features
 
     frames = np.concatenate([images, synthetic_frames(contract)])
-    feats, t_logits = pooled_features(net, frames, contract)
+    feats, t_logits, staged = pooled_features(net, frames, contract, stage=trust.ood_stage)
     # the bare network must give the same logits as the split forward used for the features
     split_vs_bare = float(np.max(np.abs(torch_predict(net, frames[:4], contract)[0] - t_logits[:4])))
-    ref = trust.reference(feats, t_logits)
+    ref = trust.reference(feats, t_logits, staged)
     runner = all_outputs_runner(onnx_file, threads)
     got = run_named(runner, frames)
     single = run_named(runner, frames[:1])

@@ -434,9 +434,9 @@ def _fit_trust(cfg: ExportConfig, net, meta: dict, root: Path, contract: InputCo
     log(cfg, f"  fitting trust outputs (coverage {cfg.coverage:.0%}, OOD acceptance {cfg.ood_acceptance:.0%}) "
              "on the checkpoint's re-derived split")
     trust, _ = fit_trust(net, meta, root, contract, cfg.coverage, cfg.ood_acceptance,
-                         log=lambda m: log(cfg, m))
+                         log=lambda m: log(cfg, m), ood_stage=cfg.ood_stage)
     t = trust.card["test"]
-    log(cfg, f"  trust: T = {trust.temperature:.3f}, OOD threshold {trust.ood_threshold:.2f}, RAPS lam {trust.lam:g}, "
+    log(cfg, f"  trust: T = {trust.temperature:.3f}, OOD stage {trust.ood_stage}, threshold {trust.ood_threshold:.2f}, RAPS lam {trust.lam:g}, "
              f"qhat {trust.qhat:.4f}; test: ECE {t['ece_before']:.3f} -> {t['ece_after']:.3f}, coverage "
              f"{t['conformal_coverage']:.3f}, mean set size {t['mean_set_size']:.2f}, in-domain {t['in_domain_rate']:.3f}")
     return trust

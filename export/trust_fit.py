@@ -7,9 +7,10 @@ every image once with PyTorch, and fits (maths in :mod:`morphocam.export.trust_m
 ============================  =====================================================================
 what                          data
 ============================  =====================================================================
-class means + covariance      the **training** split (what the model learned from)
+class means + covariance      the **training** split (what the model learned from), for the final
+                              pooled features and for one backbone stage's (``ood_stage``)
 temperature T, RAPS lam/k_reg validation half A (NLL; RAPS' own tuning rule)
-OOD threshold                 the **whole validation split**, at ``acceptance`` (default 95 %) of it
+OOD scales and threshold      the **whole validation split**, at ``acceptance`` (default 95 %) of it
 conformal qhat (RAPS)         validation half B, on the T-calibrated probabilities
 measurements                  the **test** split only (ECE before/after, coverage, set size, in-domain rate)
 ============================  =====================================================================
@@ -48,38 +49,63 @@ class TrustParams:
 
     temperature: float
     ood: TM.Mahalanobis
-    ood_threshold: float  # Mahalanobis distance at the acceptance rate; OOD_SCORE = distance / threshold
+    ood_threshold: float  # combined score at the acceptance rate; OOD_SCORE = combined score / threshold
     qhat: float
     coverage: float
     acceptance: float
     lam: float = 0.0
     k_reg: int = 1
     card: dict = field(default_factory=dict)
+    # the second score, on one backbone stage's pooled features (export/stage_features.py); None = final only
+    ood_stage: int | None = None
+    ood_stage_fit: TM.Mahalanobis | None = None
+    # each distance is divided by its own validation quantile before the max, so neither scale dominates
+    ood_scale: float = 1.0
+    ood_stage_scale: float = 1.0
 
-    def reference(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+    def ood_combined(self, features: np.ndarray, stage: np.ndarray | None = None) -> np.ndarray:
+        """max(final distance / its scale, stage distance / its scale), before the threshold."""
+        score = self.ood.distance(features) / self.ood_scale
+        if self.ood_stage_fit is not None:
+            if stage is None:
+                raise ValueError(f"this fit scores stage {self.ood_stage} as well: its pooled features are needed")
+            score = np.maximum(score, self.ood_stage_fit.distance(stage) / self.ood_stage_scale)
+        return score
+
+    def reference(self, features: np.ndarray, logits: np.ndarray, stage: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The served outputs computed in float64 numpy: what the graph must reproduce."""
         probs = TM.softmax(logits, self.temperature)
-        score = self.ood.distance(features) / self.ood_threshold
+        score = self.ood_combined(features, stage) / self.ood_threshold
         return {OUTPUT_PROBABILITIES: probs, OUTPUT_OOD_SCORE: score[:, None], OUTPUT_IN_DOMAIN: score[:, None] <= 1.0,
                 OUTPUT_PREDICTION_SET: TM.prediction_sets(probs, self.qhat, self.lam, self.k_reg),
                 "SET_SCORES": TM.set_scores(probs, self.lam, self.k_reg)}
 
 
-def pooled_features(net, images: np.ndarray, contract: InputContract, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled features [N, D], logits [N, K]) of uint8 NHWC frames, the graph's own path in PyTorch."""
+def pooled_features(net, images: np.ndarray, contract: InputContract, batch: int = 64,
+                    stage: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(pooled features [N, D], logits [N, K], pooled features of backbone ``stage`` [N, D_s] or None) of
+    uint8 NHWC frames, the graph's own path in PyTorch."""
     import torch
 
-    feats, logits = [], []
+    from .stage_features import forward_with_stage
+
+    feats, logits, staged = [], [], []
     net.eval()
     with torch.no_grad():
         for i in range(0, len(images), batch):
             x = torch.from_numpy(normalise(images[i:i + batch], contract.mean, contract.std))
-            f = torch.flatten(net.pool(net.forward_features(x.contiguous(memory_format=torch.channels_last))), 1)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if stage is None:
+                f = torch.flatten(net.pool(net.forward_features(x)), 1)
+            else:
+                f, tapped = forward_with_stage(net, x, stage)
+                staged.append(tapped.float().numpy())
             feats.append(f.float().numpy())
             logits.append(net.head(f).float().numpy())
     if not feats:
-        return np.zeros((0, net.head.in_features), np.float32), np.zeros((0, net.head.out_features), np.float32)
-    return np.concatenate(feats), np.concatenate(logits)
+        return (np.zeros((0, net.head.in_features), np.float32), np.zeros((0, net.head.out_features), np.float32),
+                None)
+    return np.concatenate(feats), np.concatenate(logits), (np.concatenate(staged) if staged else None)
 
 
 def halve(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,10 +129,11 @@ class SplitFeatures:
     logits: np.ndarray
     labels: np.ndarray
     images: np.ndarray | None = None  # kept for the test split only (the benchmark corrupts them)
+    stage: np.ndarray | None = None  # pooled features of the tapped backbone stage, when one is tapped
 
 
 def split_features(net, meta: dict, root: Path, contract: InputContract, seed_offset: int = 0,
-                   log=print) -> tuple[dict[str, SplitFeatures], dict]:
+                   log=print, stage: int | None = None) -> tuple[dict[str, SplitFeatures], dict]:
     """Features of train / val_a / val_b / test (val halved as the module docstring says) + a description."""
     from morphocam.training.data import group_ids
     from morphocam.training.trainer import checkpoint_split
@@ -124,8 +151,8 @@ def split_features(net, meta: dict, root: Path, contract: InputContract, seed_of
     for name, idx in parts.items():
         idx = np.sort(np.asarray(idx))
         log(f"  trust: features of {name} ({len(idx)} images)")
-        f, lo = pooled_features(net, folder.images[idx], contract)
-        out[name] = SplitFeatures(f, lo, labels[idx], folder.images[idx] if name == "test" else None)
+        f, lo, st = pooled_features(net, folder.images[idx], contract, stage=stage)
+        out[name] = SplitFeatures(f, lo, labels[idx], folder.images[idx] if name == "test" else None, st)
     desc = {"source": "checkpoint_split() of the checkpoint's recipe (seed, fractions, fold)",
             "root": str(root), "seed": int(cfg.seed), "fold": cfg.fold,
             "fingerprint_matches": folder.fingerprint() == meta.get("data_fingerprint"),
@@ -135,12 +162,24 @@ def split_features(net, meta: dict, root: Path, contract: InputContract, seed_of
 
 
 def fit_from_features(parts: dict[str, SplitFeatures], num_classes: int, coverage: float = 0.9,
-                      acceptance: float = 0.95) -> TrustParams:
-    """The fits of the module docstring on precomputed features (unit-testable without a network)."""
+                      acceptance: float = 0.95, stage: int | None = None) -> TrustParams:
+    """The fits of the module docstring on precomputed features (unit-testable without a network).
+
+    With a ``stage`` (its features in every part), the OOD score is the larger of two distances, the final
+    features' and the stage's, each divided by its own validation quantile at ``acceptance``; the threshold
+    is then that combined score's quantile at ``acceptance``, so the share of validation frames accepted
+    stays the one asked for."""
     tr, va, vb = parts["train"], parts["val_a"], parts["val_b"]
     temperature = TM.fit_temperature(va.logits, va.labels)
     ood = TM.Mahalanobis.fit(tr.features, tr.labels, num_classes)
     val_dist = ood.distance(np.concatenate([va.features, vb.features]))
+    scale, stage_fit, stage_scale = 1.0, None, 1.0
+    if stage is not None:
+        stage_fit = TM.Mahalanobis.fit(tr.stage, tr.labels, num_classes)
+        scale = TM.acceptance_threshold(val_dist, acceptance)
+        stage_scale = TM.acceptance_threshold(stage_fit.distance(np.concatenate([va.stage, vb.stage])), acceptance)
+        val_dist = np.maximum(val_dist / scale,
+                              stage_fit.distance(np.concatenate([va.stage, vb.stage])) / stage_scale)
     threshold = TM.acceptance_threshold(val_dist, acceptance)
     k_reg = 1
     lam = TM.tune_raps(TM.softmax(va.logits, temperature), va.labels, coverage, k_reg)
@@ -150,12 +189,21 @@ def fit_from_features(parts: dict[str, SplitFeatures], num_classes: int, coverag
     card = {
         "temperature": {"value": temperature, "fitted_on": f"validation half A ({len(va.labels)} images), NLL",
                         "nll_before": TM.nll(va.logits, va.labels), "nll_after": TM.nll(va.logits, va.labels, temperature)},
-        "ood": {"method": OOD_METHOD,
-                "description": "distance to the nearest class mean, Mahalanobis with one shared Ledoit-Wolf covariance, "
-                               "on L2-normalised pooled features; OOD_SCORE = distance / threshold, IN_DOMAIN = OOD_SCORE <= 1",
+        "ood": {"method": OOD_METHOD if stage is None else f"{OOD_METHOD} + stage {stage}",
+                "description": ("distance to the nearest class mean, Mahalanobis with one shared Ledoit-Wolf covariance, "
+                                "on L2-normalised pooled features; OOD_SCORE = distance / threshold, IN_DOMAIN = OOD_SCORE <= 1"
+                                if stage is None else
+                                "distance to the nearest class mean, Mahalanobis with one shared Ledoit-Wolf covariance, "
+                                f"on L2-normalised pooled features, computed twice: on the final features and on backbone "
+                                f"stage {stage}'s globally pooled activations; each divided by its own validation quantile "
+                                "at the acceptance rate, the larger taken; OOD_SCORE = that / threshold, "
+                                "IN_DOMAIN = OOD_SCORE <= 1"),
                 "fitted_on": f"training split ({len(tr.labels)} images)", "shrinkage": ood.shrinkage,
                 "threshold": threshold, "acceptance": acceptance,
-                "threshold_fitted_on": f"whole validation split ({len(val_dist)} images) at {acceptance:.0%} acceptance"},
+                "threshold_fitted_on": f"whole validation split ({len(val_dist)} images) at {acceptance:.0%} acceptance",
+                "stage": stage,
+                **({"final_scale": scale, "stage_scale": stage_scale, "stage_shrinkage": stage_fit.shrinkage,
+                    "stage_dim": int(tr.stage.shape[1])} if stage is not None else {})},
         "conformal": {"method": "split-conformal RAPS, non-randomised: class k is in the set iff the calibrated "
                                 "probability mass ranked strictly above it + lam * max(0, rank_k - k_reg) <= qhat; "
                                 "the top class always",
@@ -164,7 +212,8 @@ def fit_from_features(parts: dict[str, SplitFeatures], num_classes: int, coverag
                                       "(k_reg fixed at 1)",
                       "fitted_on": f"validation half B ({len(vb.labels)} images), probabilities after temperature"},
     }
-    params = TrustParams(temperature, ood, threshold, qhat, coverage, acceptance, lam, k_reg, card)
+    params = TrustParams(temperature, ood, threshold, qhat, coverage, acceptance, lam, k_reg, card,
+                         stage, stage_fit, scale, stage_scale)
     if "test" in parts and len(parts["test"].labels):
         card["test"] = measure(params, parts["test"])
     return params
@@ -172,7 +221,7 @@ def fit_from_features(parts: dict[str, SplitFeatures], num_classes: int, coverag
 
 def measure(params: TrustParams, part: SplitFeatures) -> dict:
     """Test-split figures recorded in the model card: ECE, coverage, set size, in-domain rate."""
-    ref = params.reference(part.features, part.logits)
+    ref = params.reference(part.features, part.logits, part.stage)
     y = part.labels
     sets = ref[OUTPUT_PREDICTION_SET]
     before = TM.softmax(part.logits)
@@ -188,9 +237,14 @@ def measure(params: TrustParams, part: SplitFeatures) -> dict:
 
 
 def fit_trust(net, meta: dict, root: Path, contract: InputContract, coverage: float = 0.9,
-              acceptance: float = 0.95, log=print) -> tuple[TrustParams, dict[str, SplitFeatures]]:
-    """Checkpoint + its recorded split -> :class:`TrustParams` (with the model-card section)."""
-    parts, desc = split_features(net, meta, root, contract, log=log)
-    params = fit_from_features(parts, contract.num_classes, coverage, acceptance)
+              acceptance: float = 0.95, log=print, ood_stage: int | None = None
+              ) -> tuple[TrustParams, dict[str, SplitFeatures]]:
+    """Checkpoint + its recorded split -> :class:`TrustParams` (with the model-card section). ``ood_stage``
+    (None or negative: final features only) is dropped for backbones without addressable stages."""
+    from .stage_features import resolve_stage
+
+    stage = resolve_stage(net, ood_stage)
+    parts, desc = split_features(net, meta, root, contract, log=log, stage=stage)
+    params = fit_from_features(parts, contract.num_classes, coverage, acceptance, stage)
     params.card["data"] = desc
     return params, parts

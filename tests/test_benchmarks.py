@@ -352,6 +352,9 @@ def test_trust_benchmark_smoke(hushem_dir, repo_root, tmp_path):
     g = res["graph_vs_reference"]
     assert g["in_domain_mismatches"] == 0 and g["set_mismatches"] == 0 and g["max_abs_prob_diff"] < 1e-4
     assert res["corruptions"]["images"] == 8 and len(res["corruptions"]["rows"]) == 1 + 8 * 3
-    served = res["ood"]["comparison"]["mahalanobis_l2 (served)"]
+    comparison = res["ood"]["comparison"]
+    # the served score (final features + a backbone stage) is compared with each of its parts alone
+    served = next(v for name, v in comparison.items() if name.endswith("(served)"))
+    assert {"mahalanobis_l2 final features only", "mahalanobis_l2 stage 6 only"} <= set(comparison)
     assert set(served) >= {"other_dataset", "blank", "uniform_noise", "blank_and_noise"}
     assert res["calibration"]["n_test"] == res["fit"]["data"]["sizes"]["test"]

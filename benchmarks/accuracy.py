@@ -141,9 +141,9 @@ def _train_cell(cfg: AccuracyConfig, out: Path, dataset: str, name: str, fold: i
     from morphocam.training.config import TrainConfig
     from morphocam.training.trainer import train
 
-    from morphocam.training.run_state import STATE_FILE
+    from morphocam.training.state_carry import restore
 
-    if (out / STATE_FILE).is_file():
+    if restore(out):  # its own train_state.pt, or one carried through git from an earlier session
         # A stopped cell continues with its own recipe (config.yaml), whatever this invocation's flags say.
         from morphocam.training.cli import resume_argv
         from morphocam.config import parse_config

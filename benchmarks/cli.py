@@ -1,4 +1,5 @@
-"""``morphocam-bench``: one sub-command per benchmark; each writes JSON + PNG and prints a table.
+"""``morphocam-bench``: one sub-command per benchmark; each writes JSON + PNG and prints a table
+(``carry``, the accuracy benchmark's helper for runs that span sessions, only packs files).
 
 Every sub-command's options come from its benchmark's configuration dataclass (the same plumbing as
 the other console scripts, ``--config file.yaml`` included): ``morphocam-bench COMMAND --help``.
@@ -44,6 +45,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                           "time to recover from a killed stub or server under the supervisor, frames lost"),
     "soak": Benchmark("soak", "SoakConfig", "run",
                       "bounded mixed classify + explain load on a server it starts: failures, RSS, /dev/shm, p99"),
+    "carry": Benchmark("carry", "CarryConfig", "run",
+                       "pack the accuracy benchmark's stopped cells into committable parts (a fresh clone resumes them)"),
 }
 
 

@@ -138,8 +138,9 @@ def _tiny_args(hushem_dir, out, augment_on: str = "loader") -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment_on,kill_after", [("loader", 4), ("device", 4), ("loader", 1)])
-def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path, augment_on, kill_after):
+@pytest.mark.parametrize("augment_on,kill_after,carried", [("loader", 4, False), ("device", 4, False),
+                                                           ("loader", 1, False), ("loader", 4, True)])
+def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_path, augment_on, kill_after, carried):
     import os
     import signal
     import subprocess
@@ -163,6 +164,13 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_pa
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert (cut / "train_state.pt").is_file() and not (cut / "metrics.json").exists()
+    if carried:
+        # A fresh clone: only what was committed survives -- the packed parts, not the git-ignored state file.
+        from morphocam.benchmarks.cli import main as bench_main
+
+        assert bench_main(["carry", "--root", str(tmp_path), "--part-mb", "0.05"]) == 0
+        assert len(list((cut / "train_state.carry").glob("part-*"))) > 1
+        (cut / "train_state.pt").unlink()
 
     assert train_main(["--resume", str(cut)]) == 0
     a = json.loads((whole / "metrics.json").read_text())
@@ -176,6 +184,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(hushem_dir, tmp_pa
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
     assert not (cut / "train_state.pt").exists()  # a finished run keeps no resume state
+    assert not (cut / "train_state.carry").exists()
     split = json.loads((cut / "split.json").read_text())
     assert split["counts"] == b["split"] and len(split["test"]) == b["test"]["n"]
 
@@ -193,6 +202,23 @@ def test_bf16_autocast_with_batched_augmentation_trains(hushem_dir, tmp_path):
 
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert cfg["amp"] == "bf16" and cfg["augment_on"] == "device"
+
+
+def test_a_damaged_carry_is_refused_with_the_reason(hushem_dir, tmp_path, capsys):
+    from morphocam.training.state_carry import pack
+
+    run = tmp_path / "run"
+    assert train_main([*_tiny_args(hushem_dir, run), "--frozen-epochs", "1", "--epochs", "0"]) == 0
+    # a finished run keeps no state: give it one to pack, as a stopped run would have
+    (run / "metrics.json").unlink()
+    torch.save({"run": {"epoch": 1}}, run / "train_state.pt")
+    carry = pack(run, part_bytes=100)
+    (run / "train_state.pt").unlink()
+    part = sorted(carry.glob("part-*"))[-1]
+    part.write_bytes(part.read_bytes()[:-1])  # a truncated checkout
+    assert train_main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "do not match manifest.json" in err and not (run / "train_state.pt").exists()
 
 
 def test_resume_without_a_saved_state_is_a_clear_error(hushem_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ from morphocam.config import parse_config
 from .checkpoint import CheckpointError
 from .config import EvaluateConfig, TrainConfig
 from .data import DatasetError
+from .state_carry import CarryError
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -32,7 +33,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg)
-    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (DatasetError, CheckpointError, CarryError, FileNotFoundError, ValueError) as exc:
         print(f"morphocam-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,7 @@ from .data import ImageFolder, Split, group_ids, kfold_indices, load_images, mem
 from .model import MorphoNet, build_model
 from .pretrained import load_backbone_weights
 from .run_state import STATE_FILE, RunState, load_state, restore_rng, save_state
+from .state_carry import discard as discard_carry, restore as restore_carry
 
 
 def seed_everything(seed: int) -> None:
@@ -300,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
     out = cfg.output_dir
     if cfg.resume is not None and Path(cfg.resume).resolve() != out.resolve():
         raise ValueError(f"--resume {cfg.resume} must be the run's own output folder ({out})")
-    if cfg.resume is not None and not (out / STATE_FILE).is_file():
+    if cfg.resume is not None and not restore_carry(out):  # a committed carry stands in for a lost state file
         raise FileNotFoundError(f"{out / STATE_FILE} not found: nothing to resume"
                                 + (" (the run already finished: metrics.json is there)"
                                    if (out / "metrics.json").is_file() else " (no epoch finished yet)"))
@@ -400,6 +401,7 @@ def finish(cfg: TrainConfig, model: MorphoNet, folder: ImageFolder, split: Split
     M.plot_roc(labels[split.test], test_probs, classes, out / "roc.png", f"{title} (test)")
     M.plot_confusion(test_metrics, out / "confusion.png", f"{title} (test)")
     (out / STATE_FILE).unlink(missing_ok=True)  # the run is complete: metrics.json is its marker now
+    discard_carry(out)
     print(f"[test] n={test_metrics['n']} accuracy {test_metrics['accuracy']:.4f} "
           f"(95% CI {test_metrics['accuracy_ci95'][0]:.3f}-{test_metrics['accuracy_ci95'][1]:.3f}) "
           f"macro-F1 {test_metrics['macro_f1']:.4f} macro-AUC {test_metrics['macro_auc_ovr']:.4f}"

@@ -6,6 +6,8 @@
 # candidate, the 5-member ensemble on HuSHem's release split, SMIDS's 5-fold CV), then the ablation, then the
 # rest of SMIDS (each SMIDS cell costs ~14x a HuSHem one on CPU).
 # Niced so that interactive work on the same 2 cores comes first. Extra flags go to every step.
+# Before a session ends: `.venv/bin/morphocam-bench carry` and commit the train_state.carry folders it lists,
+# so that a fresh clone continues the stopped cell from its last epoch (README: "Runs longer than a session").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bench() {
@@ -28,7 +30,7 @@ bench --datasets hushem --configs efficientnet --single-split false --folds 5 --
   --cv-config efficientnet --output-dir results/benchmarks/accuracy_efficientnet \
   --cv-ensemble-with results/benchmarks/accuracy,results/benchmarks/accuracy_gpu "$@"
 # SMIDS's release candidate at the paper's budget (~4.5 h on 2 cores; a lent GPU does it in ~9 min, see
-# accuracy_device.sh): resumes epoch by epoch across sessions where the workspace keeps its train_state.pt
+# accuracy_device.sh): resumes epoch by epoch across sessions (its train_state.pt, or the committed carry)
 bench --datasets smids --configs full --folds 0 "$@"
 bench --datasets hushem --configs full --folds 5 --cv-datasets hushem $ENS $CVE "$@"
 # Lever: HuSHem started from the released SMIDS model's backbone + CBAM (features fine-tuned on 3,000 sperm images

@@ -79,7 +79,9 @@ class AccuracyConfig:
     lr: float = option("stage-2 learning rate", 3e-4)
     lr_scratch: float = option("learning rate of the SimpleCNN trained from scratch", 1e-3)
     ema_decay: float = option("weight averaging (EMA) for every row; 0 = off", 0.0)
-    seed: int = option("seed", 42)
+    seed: int = option("seed of the splits and folds (and of training, unless --train-seed)", 42)
+    train_seed: Optional[int] = option("seed of initialisation and augmentation only: the same folds trained "
+                                       "again with other draws (a seed ensemble, with --cv-ensemble-with)", None)
     threads: int = option("torch threads per run (0 = torch default)", 0)
     device: str = option("'cpu', 'cuda' or 'auto'", "auto")
     limit_per_class: Optional[int] = option("quick runs: at most this many images per class", None)
@@ -157,14 +159,15 @@ def _train_cell(cfg: AccuracyConfig, out: Path, dataset: str, name: str, fold: i
     tcfg = TrainConfig(data_dir=cfg.data_root / dataset, dataset=dataset, output_dir=out, arch=arch,
                        pretrained=pretrained, input_size=cfg.input_size, frozen_epochs=cfg.frozen_epochs,
                        epochs=cfg.epochs, lr_head=cfg.lr_head, lr=lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                       train_seed=cfg.train_seed,
                        fold=fold, folds=max(cfg.folds, 2), member=member, members=max(cfg.members, 2),
                        threads=cfg.threads, device=cfg.device,
                        limit_per_class=cfg.limit_per_class, progress=False, **row)
     return train(tcfg)
 
 
-RECIPE_KEYS = ("arch", "pretrained", "input_size", "frozen_epochs", "epochs", "lr_head", "lr", "batch_size",
-               "mixup_alpha", "label_smoothing", "ema_decay", "augment_on", "amp")
+RECIPE_KEYS = ("arch", "pretrained", "train_seed", "input_size", "frozen_epochs", "epochs", "lr_head", "lr",
+               "batch_size", "mixup_alpha", "label_smoothing", "ema_decay", "augment_on", "amp")
 
 
 def _recipe(run_dir: Path) -> dict:

@@ -204,6 +204,24 @@ def test_bf16_autocast_with_batched_augmentation_trains(hushem_dir, tmp_path):
     assert cfg["amp"] == "bf16" and cfg["augment_on"] == "device"
 
 
+@pytest.mark.slow
+def test_train_seed_changes_the_training_draws_not_the_split(hushem_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in {"default": [], "same": ["--train-seed", "42"], "other": ["--train-seed", "7"]}.items():
+        out = tmp_path / name
+        assert train_main([*_tiny_args(hushem_dir, out), "--epochs", "1", *extra]) == 0
+        runs[name] = (json.loads((out / "split.json").read_text()), load_file(str(out / "model.safetensors")))
+    split, weights = runs["default"]
+    # --train-seed equal to --seed is the default run, draw for draw
+    assert runs["same"][0] == split
+    assert all(torch.equal(runs["same"][1][k], weights[k]) for k in weights)
+    # another training seed: the same fold assignment, other weights (initialisation, augmentation, order)
+    assert runs["other"][0]["test"] == split["test"] and runs["other"][0]["train"] == split["train"]
+    assert not all(torch.equal(runs["other"][1][k], weights[k]) for k in weights)
+
+
 def test_a_damaged_carry_is_refused_with_the_reason(hushem_dir, tmp_path, capsys):
     from morphocam.training.state_carry import pack
 

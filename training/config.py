@@ -43,6 +43,9 @@ class TrainConfig:
     tta: bool = option("also score validation and test with 8 test-time views (4 right-angle rotations x "
                        "mirror), reported beside the plain figures (selection stays on the plain ones)", True)
     seed: int = option("seed for the split, initialisation and augmentation", 42)
+    train_seed: Optional[int] = option("seed for initialisation, augmentation, MixUp and batch order only (default: "
+                                       "--seed); the split keeps --seed's, so runs that differ here train on the "
+                                       "same images: members of a seed ensemble", None)
     val_frac: float = option("validation fraction", 0.15)
     test_frac: float = option("test fraction", 0.15)
     folds: int = option("k for k-fold cross-validation (used when --fold is set)", 5)
@@ -70,6 +73,11 @@ class TrainConfig:
     progress: bool = option("progress bars", True)
     resume: Optional[Path] = option("continue the stopped run in this folder from its last finished epoch "
                                     "(its config.yaml supplies every other option)", None)
+
+    @property
+    def init_seed(self) -> int:
+        """What seeds the weights and every random draw of training (the split uses ``seed``)."""
+        return self.seed if self.train_seed is None else self.train_seed
 
     def __post_init__(self) -> None:
         if self.frozen_epochs < 0 or self.epochs < 0 or self.frozen_epochs + self.epochs == 0:

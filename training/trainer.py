@@ -210,7 +210,7 @@ def prepare_data(cfg: TrainConfig):
     device = pick_device(cfg.device)
     on_loader = cfg.augment and not augments_on_device(cfg, device)
     train_set = AugmentedImages(folder.images[split.train], folder.labels[split.train], on_loader)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.init_seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          drop_last=len(train_set) > cfg.batch_size,
                                          pin_memory=device.type == "cuda")
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.init_seed)
     device = pick_device(cfg.device)
     if device.type == "cuda":
         # Autotuning pays back only on long runs: on the H200 the first epoch of each stage took 22-42 s with

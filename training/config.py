@@ -42,7 +42,7 @@ class TrainConfig:
                               "validation, selection and the saved model use the average; 0 = off", 0.0)
     tta: bool = option("also score validation and test with 8 test-time views (4 right-angle rotations x "
                        "mirror), reported beside the plain figures (selection stays on the plain ones)", True)
-    seed: int = option("seed for the split, initialisation and augmentation", 42)
+    seed: int = option("seed for the split (and for initialisation and augmentation, unless --train-seed)", 42)
     train_seed: Optional[int] = option("seed for initialisation, augmentation, MixUp and batch order only (default: "
                                        "--seed); the split keeps --seed's, so runs that differ here train on the "
                                        "same images: members of a seed ensemble", None)

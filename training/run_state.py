@@ -12,6 +12,7 @@ Loaded with ``weights_only=True``: only tensors and plain containers, no arbitra
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -84,6 +85,11 @@ def load_state(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: nothing to resume (the run never finished an epoch)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return parse_state(path.read_bytes())
+
+
+def parse_state(data: bytes) -> dict[str, Any]:
+    """A state file's bytes as :func:`load_state` returns them (for a caller that already holds them)."""
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     payload["run"] = RunState(**payload["run"])
     return payload

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from morphocam.atomic import atomic_write_bytes, atomic_write_text
 
-from .run_state import STATE_FILE, load_state
+from .run_state import STATE_FILE, parse_state
 
 CARRY_DIR = "train_state.carry"
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ def pack(run_dir: Path, part_bytes: int = PART_BYTES) -> Path | None:
     old = _manifest(run_dir)
     if old is not None and old["sha256"] == digest:
         return carry
-    epoch = load_state(run_dir)["run"].epoch
+    epoch = parse_state(data)["run"].epoch  # from the bytes packed: the file may be replaced meanwhile
     shutil.rmtree(carry, ignore_errors=True)
     carry.mkdir()
     parts = []

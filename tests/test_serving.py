@@ -341,6 +341,21 @@ def test_busy_port_refused_and_clean_stop(triton_server, serving_repository, tmp
     assert not any(s.exists() for s in segments)
 
 
+def _leave_server_side_time_wait(port: int) -> None:
+    """Leave a TIME-WAIT socket whose local port is ``port``: the accepting side closes first."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # active close: this end (local port == ``port``) goes to TIME-WAIT
+        client.recv(1)    # wait for the FIN so the client's close completes the handshake
+        client.close()
+
+
 def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_path):
     """A stopped server leaves its ports' connections in TIME-WAIT; the next start must not take
     that for "in use" (the server binds with SO_REUSEADDR, and so does the port check)."""
@@ -358,9 +373,14 @@ def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_p
         c.close()
     ports = (first.grpc_port, first.http_port, first.metrics_port)
     # The precondition of the bug: sockets on these ports linger in TIME-WAIT while nothing listens.
-    lingering = [k for k in psutil.net_connections("tcp")
-                 if k.laddr and k.laddr.port in ports and k.status == psutil.CONN_TIME_WAIT]
-    assert lingering, "expected TIME-WAIT sockets on the stopped server's ports"
+    # Whether the stopped server's own connections end there depends on which side closed first
+    # (on CI the clients did, leaving TIME-WAIT on their ephemeral ports only), so make it certain:
+    # on each port, accept one connection and close the listening side first, as a server does.
+    for port in ports:
+        _leave_server_side_time_wait(port)
+    lingering = {k.laddr.port for k in psutil.net_connections("tcp")
+                 if k.laddr and k.laddr.port in ports and k.status == psutil.CONN_TIME_WAIT}
+    assert lingering == set(ports), f"expected TIME-WAIT sockets on all of {ports}, found {lingering}"
     with TritonServer(repo, grpc_port=ports[0], http_port=ports[1], metrics_port=ports[2],
                       startup_timeout=120) as again:
         c = grpcclient.InferenceServerClient(again.grpc_url)

@@ -375,7 +375,7 @@ def test_stop_then_immediate_restart_on_the_same_ports(serving_repository, tmp_p
     # The precondition of the bug: sockets on these ports linger in TIME-WAIT while nothing listens.
     # Whether the stopped server's own connections end there depends on which side closed first
     # (on CI the clients did, leaving TIME-WAIT on their ephemeral ports only), so make it certain:
-    # on each port, accept one connection and close the listening side first, as a server does.
+    # on each port, accept one connection and close the accepting end first, as a server does.
     for port in ports:
         _leave_server_side_time_wait(port)
     lingering = {k.laddr.port for k in psutil.net_connections("tcp")

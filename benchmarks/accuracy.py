@@ -340,7 +340,13 @@ def run(cfg: AccuracyConfig) -> dict:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
     def publish() -> None:
-        atomic_write_text(cfg.output_dir / "accuracy.json", json.dumps(summary, indent=2) + "\n")
+        path = cfg.output_dir / "accuracy.json"
+        landed = json.loads(json.dumps({section: summary[section] for section in SECTIONS}))
+        if path.is_file() and (cfg.output_dir / "accuracy.png").is_file() and landed == _landed_summary(cfg.output_dir):
+            # nothing new landed: keep the file as it is, so its "config" stays the invocation that landed
+            # its rows (a resumed script re-runs every step, and would otherwise rewrite every folder's file)
+            return
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         plot(summary, cfg.output_dir / "accuracy.png")
 
     for dataset in cfg.datasets:

@@ -81,8 +81,11 @@ def test_accuracy_benchmark_smoke_and_resume(tmp_path, hushem_dir):
     # an invocation that runs other rows (here: none) keeps what earlier invocations landed in the folder
     from dataclasses import replace
 
+    before = (tmp_path / "accuracy.json").read_text()
     run_accuracy(replace(cfg, configs=(), datasets=("smids",)))
     assert json.loads((tmp_path / "accuracy.json").read_text())["single_split"]["hushem"]["simplecnn"] == row
+    # and, as it landed nothing, it leaves the file alone: "config" stays the invocation that landed the rows
+    assert (tmp_path / "accuracy.json").read_text() == before
 
 
 @pytest.mark.slow

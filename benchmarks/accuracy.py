@@ -339,7 +339,22 @@ def run(cfg: AccuracyConfig) -> dict:
     summary = {"config": config_to_dict(cfg), **_landed_summary(cfg.output_dir)}
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
 
-    def publish() -> None:
+    trained = False  # a cell this invocation trained (or resumed) since the last publish
+
+    def cell(dataset: str, name: str, fold: int | None, member: int | None = None) -> dict | None:
+        nonlocal trained
+        fresh = not (run_dir(cfg, dataset, name, fold, member) / "metrics.json").is_file()
+        result = run_config(cfg, dataset, name, fold, member)
+        trained |= fresh and result is not None
+        return result
+
+    def publish(final: bool = False) -> None:
+        nonlocal trained
+        if not (trained or final):
+            # a reused cell is in the file already; mid-loop, a CV or ensemble holds only the folds or
+            # members reached so far, which differs from the file's complete entry and would rewrite it
+            return
+        trained = False
         path = cfg.output_dir / "accuracy.json"
         landed = json.loads(json.dumps({section: summary[section] for section in SECTIONS}))
         if path.is_file() and (cfg.output_dir / "accuracy.png").is_file() and landed == _landed_summary(cfg.output_dir):
@@ -351,7 +366,7 @@ def run(cfg: AccuracyConfig) -> dict:
 
     for dataset in cfg.datasets:
         for name in (cfg.configs if cfg.single_split else ()):
-            result = run_config(cfg, dataset, name, None)
+            result = cell(dataset, name, None)
             if result is None:
                 continue
             row = _row(result, run_dir(cfg, dataset, name, None))
@@ -367,7 +382,7 @@ def run(cfg: AccuracyConfig) -> dict:
         if cfg.folds > 1 and dataset in cfg.cv_datasets:
             rows = []
             for f in range(cfg.folds):
-                result = run_config(cfg, dataset, cfg.cv_config, f)
+                result = cell(dataset, cfg.cv_config, f)
                 if result is None:
                     continue
                 rows.append(_row(result, run_dir(cfg, dataset, cfg.cv_config, f)))
@@ -388,7 +403,7 @@ def run(cfg: AccuracyConfig) -> dict:
         if cfg.members > 1 and dataset in cfg.member_datasets:
             dirs, rows = [], []
             for m in range(cfg.members):
-                result = run_config(cfg, dataset, "full", None, m)
+                result = cell(dataset, "full", None, m)
                 if result is None:
                     continue
                 dirs.append(run_dir(cfg, dataset, "full", None, m))
@@ -399,7 +414,7 @@ def run(cfg: AccuracyConfig) -> dict:
                 print(f"{dataset:7s} ensemble {len(dirs)}/{cfg.members} members: acc {ens['accuracy']:.4f} "
                       f"({ens['correct']}/{ens['n_test']}), members' mean {ens['member_accuracy_mean']:.4f}", flush=True)
                 publish()
-    publish()
+    publish(final=True)
     return summary
 
 

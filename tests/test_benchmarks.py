@@ -107,6 +107,11 @@ def test_ensemble_members_trained_averaged_and_served_as_one_graph(tmp_path, hus
     splits = [json.loads((tmp_path / "hushem" / "full" / f"member{m}" / "split.json").read_text()) for m in range(2)]
     assert splits[0]["test"] == splits[1]["test"] and not set(splits[0]["val"]) & set(splits[1]["val"])
     assert [s["member"] for s in splits] == [0, 1]
+    # a resumed invocation that reuses every member (here with other flags) leaves the file alone: midway
+    # its ensemble holds one member, which must not overwrite the file's complete entry and "config"
+    before = (tmp_path / "accuracy.json").read_text()
+    run_accuracy(replace(cfg, train=False))
+    assert (tmp_path / "accuracy.json").read_text() == before
     # the same members in one ONNX graph: its probabilities are the members' averaged, its accuracy
     # the accuracy benchmark's ensemble row, and it reports what it costs against one member
     bench = run_ensemble(EnsembleBenchConfig(

@@ -53,3 +53,8 @@ bench --datasets hushem,smids --configs "$ALL" --folds 5 --cv-datasets hushem,sm
 # ~2.8 h per fold on 2 cores (~14 h), resumed across sessions from the committed carry
 bench --datasets smids --configs full --single-split false --folds 5 --cv-datasets smids --train-seed 1 \
   --output-dir results/benchmarks/accuracy_seed1 --cv-ensemble-with results/benchmarks/accuracy "$@"
+# HuSHem's release-split cell started from the SMIDS ablation's + freeze-unfreeze cell (the SMIDS cell with the
+# best validation score): what promoting that SMIDS cell would mean for the HuSHem model started from it (README)
+bench --datasets hushem --configs full --folds 0 \
+  --pretrained results/benchmarks/accuracy/smids/freeze_unfreeze/single/model.safetensors \
+  --output-dir results/benchmarks/accuracy_smids_fu_init "$@"

@@ -117,3 +117,25 @@ class EvaluateConfig:
     split: str = option("which part of the checkpoint's own seeded split to score", "test",
                         choices=("train", "val", "test"))
     output_dir: Optional[Path] = option("write eval_<split>.json and plots here", None)
+
+
+@dataclass
+class ReleaseRuleConfig:
+    """Every option of ``python -m morphocam.training.release_rule`` (called by ``results/training/promote.sh``)."""
+
+    candidate: Optional[Path] = option("a finished release-split cell, e.g. "
+                                       "results/benchmarks/accuracy/smids/freeze_unfreeze/single", None,
+                                       required=True)
+    released: Optional[Path] = option("the released model's folder, e.g. results/training/smids", None,
+                                      required=True)
+    candidate_cv: Optional[Path] = option("the candidate recipe's CV folder (fold0 ... fold{k-1}) when it is not "
+                                          "the candidate cell's parent, e.g. a CV run under another results root",
+                                          None)
+    search: Path = option("where the released model's own cell (and so its recipe's CV) is looked up",
+                          Path("results/benchmarks"))
+
+    def __post_init__(self):
+        self.candidate = None if self.candidate is None else Path(self.candidate)
+        self.released = None if self.released is None else Path(self.released)
+        self.candidate_cv = None if self.candidate_cv is None else Path(self.candidate_cv)
+        self.search = Path(self.search)

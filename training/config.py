@@ -133,9 +133,3 @@ class ReleaseRuleConfig:
                                           None)
     search: Path = option("where the released model's own cell (and so its recipe's CV) is looked up",
                           Path("results/benchmarks"))
-
-    def __post_init__(self):
-        self.candidate = None if self.candidate is None else Path(self.candidate)
-        self.released = None if self.released is None else Path(self.released)
-        self.candidate_cv = None if self.candidate_cv is None else Path(self.candidate_cv)
-        self.search = Path(self.search)
